@@ -1,0 +1,116 @@
+"""``covr-lightning``: train from a recipe, list recipes.
+
+Every user error (unknown recipe, unknown key, wrong type, unwritable directory, corrupt
+checkpoint, diverged training) ends with one line on stderr naming the problem and the fix and
+exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from covr_lightning import __version__
+from covr_lightning.errors import ConfigError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus exit 2) like every other user error."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}. Fix: see `{self.prog} --help`.\n")
+
+
+def build_cli() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="covr-lightning",
+        description="COVR: a pixel SAC agent and a vision-language model that train each other.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+
+    fit = commands.add_parser(
+        "fit",
+        help="train from a recipe",
+        description="Train from a recipe. Overrides are dotted.key=value (policy.actor_lr=3e-4).",
+    )
+    fit.add_argument("--recipe", required=True, help="packaged recipe name or path to a YAML file")
+    fit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
+    fit.add_argument(
+        "--resume", metavar="last|PATH", help="continue a run from its last or a given checkpoint"
+    )
+    fit.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and the plan, then exit"
+    )
+    fit.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+    commands.add_parser("recipes", help="list the packaged recipes")
+    return parser
+
+
+def cmd_recipes() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from covr_lightning.config import list_recipes, packaged_recipes_dir
+
+    table = Table(title=f"packaged recipes ({packaged_recipes_dir()})", title_justify="left")
+    table.add_column("recipe", style="bold")
+    table.add_column("what it runs")
+    for name, summary in list_recipes():
+        table.add_row(name, summary)
+    Console().print(table)
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from covr_lightning.config import dump_config, load_recipe
+    from covr_lightning.loop.plan import plan_table
+    from covr_lightning.loop.rl_loop import RLLoop, run_directory
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        Console().print(plan_table(cfg, run_directory(cfg)))
+        return 0
+    Console(stderr=True).print(plan_table(cfg, run_directory(cfg)))
+    loop = RLLoop(cfg, resume=args.resume)
+    loop.fit()
+    return 0
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``covr-lightning`` command."""
+    args = build_cli().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    # SIGTERM (e.g. a scheduler's kill) takes the same path as Ctrl-C: checkpoint, then exit.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        if args.command == "recipes":
+            return cmd_recipes()
+        return cmd_fit(args)
+    except ConfigError as err:
+        if debug:
+            raise
+        print(f"covr-lightning: error: {err.line()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(
+            "covr-lightning: interrupted; continue with --resume last if a checkpoint was written",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

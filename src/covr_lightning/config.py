@@ -1,0 +1,296 @@
+"""Recipes: find them, parse them with overrides, validate them, and build their components.
+
+A recipe is a YAML file with the top-level sections of :data:`SECTIONS`. ``run`` and ``tracking``
+are small dataclasses; ``env``, ``policy`` and ``replay`` are components written in jsonargparse's
+``class_path`` / ``init_args`` form, so a user's own subclass in their own module is picked by its
+dotted path and its extra ``__init__`` arguments are validated like the package's own.
+
+Arguments that come from the environment at build time (``obs_shape``, ``action_dim``, ``seed``)
+are not recipe keys: :func:`instantiate` passes them at the call site.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import gymnasium
+import yaml
+from jsonargparse import ArgumentParser, Namespace
+
+from covr_lightning.errors import ConfigError
+
+SECTIONS = ("run", "env", "policy", "replay", "tracking")
+"""Top-level recipe sections (the VLM and COVR issues add ``vlm`` and ``covr``)."""
+
+# Arguments the builder passes at the call site; never recipe keys.
+_CALL_SITE_ARGS = {
+    "env": {"seed"},
+    "policy": {"obs_shape", "action_dim"},
+    "replay": {"seed"},
+}
+
+
+@dataclass
+class RunConfig:
+    """Budget, cadence and hardware of one training run.
+
+    Args:
+        name: Run name; the run writes to ``<dir>/<tracking.experiment>/<name>/``.
+        dir: Root folder of all runs.
+        seed: Seed of everything (env, networks, replay sampler, random warm-up actions).
+        total_env_steps: Training budget in env steps (agent steps x action repeat).
+        seed_env_steps: Env steps of uniformly random actions before the first update.
+        eval_every_env_steps: Evaluate the deterministic policy every this many env steps.
+        eval_episodes: Episodes per evaluation.
+        checkpoint_every_env_steps: Write a checkpoint at the first episode end after this many
+            env steps since the last one (and always at the end of the run).
+        keep_checkpoints: How many checkpoints to keep on disk (oldest are deleted).
+        log_every_env_steps: Average the update metrics over this many env steps before logging.
+        accelerator: Fabric accelerator: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        precision: Fabric precision, e.g. ``32-true`` or ``bf16-mixed``.
+    """
+
+    name: str = "covr"
+    dir: str = "runs"
+    seed: int = 1
+    total_env_steps: int = 100_000
+    seed_env_steps: int = 4_000
+    eval_every_env_steps: int = 10_000
+    eval_episodes: int = 10
+    checkpoint_every_env_steps: int = 10_000
+    keep_checkpoints: int = 2
+    log_every_env_steps: int = 1_000
+    accelerator: str = "auto"
+    precision: str = "32-true"
+
+
+@dataclass
+class TrackingConfig:
+    """Where metrics go.
+
+    Args:
+        experiment: MLflow experiment name; also the middle folder of the run directory.
+        uri: MLflow tracking URI. Empty means ``$MLFLOW_TRACKING_URI`` if set, else
+            ``sqlite:///mlflow.db`` in the working directory (what a plain ``mlflow ui`` reads).
+        enabled: Log to MLflow at all (checkpoints and the progress bar work either way).
+    """
+
+    experiment: str = "covr-lightning"
+    uri: str = ""
+    enabled: bool = True
+
+
+def build_parser() -> ArgumentParser:
+    """The jsonargparse parser that validates a whole recipe."""
+    from covr_lightning.data.replay import ReplayDataModule
+    from covr_lightning.policies.sac import SACPolicyModule
+
+    parser = ArgumentParser(exit_on_error=False, default_env=False)
+    parser.add_class_arguments(RunConfig, "run")
+    parser.add_subclass_arguments(gymnasium.Env, "env", skip=_CALL_SITE_ARGS["env"], required=True)
+    parser.add_subclass_arguments(
+        SACPolicyModule, "policy", skip=_CALL_SITE_ARGS["policy"], required=True
+    )
+    parser.add_subclass_arguments(
+        ReplayDataModule, "replay", skip=_CALL_SITE_ARGS["replay"], required=True
+    )
+    parser.add_class_arguments(TrackingConfig, "tracking")
+    return parser
+
+
+# --------------------------------------------------------------------------- finding recipes
+
+
+def packaged_recipes_dir() -> Path:
+    """The folder of recipes shipped inside the package (and so inside the wheel)."""
+    return Path(str(resources.files("covr_lightning") / "recipes"))
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """Every packaged recipe as ``(name, first line of its header comment)``, sorted by name."""
+    root = packaged_recipes_dir()
+    found = []
+    for path in sorted(root.rglob("*.yaml")):
+        summary = ""
+        for line in path.read_text().splitlines():
+            if line.startswith("#"):
+                summary = line.lstrip("# ").strip()
+                if summary:
+                    break
+        found.append((path.relative_to(root).as_posix(), summary))
+    return found
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """Resolve a recipe name (``quickstart``, ``quickstart.yaml``) or a file path.
+
+    Raises:
+        ConfigError: Neither an existing file nor a packaged recipe.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    root = packaged_recipes_dir()
+    name = name_or_path if name_or_path.endswith((".yaml", ".yml")) else f"{name_or_path}.yaml"
+    packaged = root / name
+    if packaged.is_file():
+        return packaged
+    names = [n for n, _ in list_recipes()]
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(
+        f"no recipe '{name_or_path}' (neither a file nor a packaged recipe)",
+        f"{hint}`covr-lightning recipes` lists the packaged ones; or pass a path to a YAML file",
+    )
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Namespace:
+    """Read a recipe, apply ``dotted.key=value`` overrides and validate everything.
+
+    Args:
+        name_or_path: Packaged recipe name or path to a YAML file.
+        overrides: ``section.key=value`` strings; values are read as YAML (``1e-3``, ``true``).
+
+    Returns:
+        The fully resolved configuration (defaults filled in).
+
+    Raises:
+        ConfigError: Unknown recipe, malformed YAML, unknown key, wrong type or bad class path.
+    """
+    path = find_recipe(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where else ""
+        raise ConfigError(f"recipe {path} is not valid YAML{line}", "fix the YAML syntax") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections", f"use {SECTIONS}")
+    _check_sections(raw.keys(), where=str(path))
+
+    args = []
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(
+                f"override '{item}' is not of the form dotted.key=value",
+                "write it like policy.actor_lr=3e-4",
+            )
+        _check_sections([key.split(".")[0]], where="the command line")
+        args.append(f"--{key}={value}")
+
+    parser = build_parser()
+    try:
+        cfg = parser.parse_object(raw)
+        if args:
+            cfg = parser.parse_args(args, namespace=cfg)
+    except Exception as err:  # jsonargparse raises ArgumentError/TypeError/ValueError variants
+        raise summarise_parse_error(str(err), cfg_source=str(path)) from err
+    return cfg
+
+
+def dump_config(cfg: Namespace) -> str:
+    """The resolved config as YAML, the form written to ``config.yaml`` and shown by ``--dry-run``."""
+    return build_parser().dump(cfg)
+
+
+def config_to_dict(cfg: Namespace) -> dict[str, Any]:
+    """The resolved config as plain nested dicts."""
+    return yaml.safe_load(dump_config(cfg))
+
+
+def _check_sections(keys, where: str) -> None:
+    for key in keys:
+        if key not in SECTIONS:
+            close = difflib.get_close_matches(key, SECTIONS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"unknown recipe section '{key}' in {where}",
+                f"{hint}valid sections are {', '.join(SECTIONS)}",
+            )
+
+
+def summarise_parse_error(message: str, cfg_source: str = "the recipe") -> ConfigError:
+    """Turn one of jsonargparse's multi-line messages into a one-line :class:`ConfigError`."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    key = ".".join(keys)
+    dry = "`--dry-run` prints every valid key with its value"
+
+    if m := re.search(r"Problem with given class_path '([^']+)':\s*\n\s*(.+)", message):
+        class_path, reason = m[1], m[2].strip()
+        if "not accepted" not in reason and "Parser key" not in reason:
+            return ConfigError(
+                f"cannot use class_path '{class_path}' for '{key}': {reason}",
+                "check the dotted path and that its module is importable (installed or on PYTHONPATH)",
+            )
+    if m := re.search(r"Import path (\S+) does not correspond to a subclass of (\w+)", message):
+        return ConfigError(
+            f"class_path '{m[1]}' for '{key}' is not a subclass of {m[2]}",
+            f"point {key}.class_path at a subclass of {m[2]}",
+        )
+    if m := re.search(r"Option '([^']+)' is not accepted", message):
+        return _unknown_key(f"{keys[0]}.{m[1]}" if keys else m[1], dry)
+    if m := re.search(r"Group '([^']+)' does not accept option '([^']+)'", message):
+        return _unknown_key(f"{m[1]}.{m[2]}", dry)
+    if m := re.search(r"unrecognized arguments: --([^=\s]+)", message):
+        return _unknown_key(m[1], dry)
+    if m := re.search(r"Expected a (.+?)\. Got value: (.*)", message):
+        expected = re.sub(r"<class '([\w.]+)'>", r"\1", m[1])
+        return ConfigError(
+            f"recipe key '{key}' expects {expected}, got {m[2].strip()!r}",
+            f"give {key} a value of that type in {cfg_source} or as the override {key}=VALUE",
+        )
+    first = next((ln.strip() for ln in message.splitlines() if ln.strip()), message)
+    return ConfigError(f"invalid recipe ({first})", dry)
+
+
+def _unknown_key(dotted: str, dry: str) -> ConfigError:
+    section, _, name = dotted.rpartition(".")
+    valid = _valid_keys(section)
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"did you mean '{section}.{close[0]}'? " if close else ""
+    return ConfigError(f"unknown recipe key '{dotted}'", f"{hint}{dry}")
+
+
+def _valid_keys(section: str) -> list[str]:
+    if section == "run":
+        return list(inspect.signature(RunConfig).parameters)
+    if section == "tracking":
+        return list(inspect.signature(TrackingConfig).parameters)
+    return []
+
+
+# --------------------------------------------------------------------------- building
+
+
+def import_class(class_path: str) -> type:
+    """Import ``pkg.module.Class``.
+
+    Raises:
+        ConfigError: The module or the class does not exist.
+    """
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(
+            f"cannot import '{class_path}' ({err})",
+            "check the dotted path and that its module is importable",
+        ) from err
+
+
+def instantiate(component: Namespace, **call_site: Any) -> Any:
+    """Build a ``class_path`` / ``init_args`` component, adding the call-site arguments."""
+    cls = import_class(component.class_path)
+    init_args = component.init_args.as_dict() if component.get("init_args") else {}
+    return cls(**init_args, **call_site)

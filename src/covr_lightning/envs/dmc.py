@@ -1,0 +1,431 @@
+"""DeepMind Control Suite as a gymnasium env: pixel (or state) observations, fast small-frame rendering.
+
+One *env step* is one dm_control control step; one *agent step* (one call of :meth:`DMCEnv.step`)
+repeats the action ``action_repeat`` times. Every budget in covr-lightning counts env steps.
+
+Rendering. dm_control's default offscreen buffer is 640x480 with 4x MSAA and shadows, and
+``physics.render`` allocates a fresh scene on every call; on a CPU (Mesa llvmpipe) that caps an
+84x84 policy frame at ~30 frames/s. :class:`DMCEnv` therefore, before the lazily created GL
+contexts exist, shrinks the offscreen buffer to the frame size, turns MSAA and shadows off, keeps
+one persistent camera for the policy frames and renders once per agent step, not per env step.
+Frames larger than that buffer (``render(224, 224)`` for the VLM) go to a second, separately sized
+GL context built by the same dm_control backend, so they work at any size without slowing the
+policy frames (a bigger shared buffer would; a ``mujoco.Renderer`` would bypass dm_control's
+bookkeeping of the current GL context). Both paths share the model, so they look alike.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# dm_control picks its GL backend when it is first imported: on a headless Linux machine (no
+# DISPLAY) its first choice, GLFW, fails, and EGL works even on Mesa's software rasteriser (OSMesa
+# does not). This only helps if dm_control was not imported before this module.
+if (
+    sys.platform.startswith("linux")
+    and not os.environ.get("DISPLAY")
+    and "MUJOCO_GL" not in os.environ
+):
+    os.environ["MUJOCO_GL"] = "egl"
+    os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+
+from collections import deque
+from typing import Any, Literal
+
+import gymnasium
+import mujoco
+import numpy as np
+from dm_control import _render, suite
+from dm_control.mujoco import engine, wrapper
+
+from covr_lightning.errors import ConfigError
+
+_HEADLESS = sys.platform.startswith("linux") and not os.environ.get("DISPLAY")
+
+# Action repeat per domain as in PlaNet / CURL / RAD (the paper's DMC protocol).
+PAPER_ACTION_REPEAT: dict[str, int] = {
+    "cartpole": 8,
+    "finger": 2,
+    "walker": 2,
+    "cheetah": 4,
+    "reacher": 4,
+    "ball_in_cup": 4,
+}
+
+# DrQ / RAD view quadrupeds from camera 2; every other domain from camera 0.
+_DEFAULT_CAMERA: dict[str, int] = {"quadruped": 2}
+
+
+def default_action_repeat(domain: str) -> int:
+    """The paper's action repeat for a domain.
+
+    Args:
+        domain: dm_control domain name, e.g. ``"cheetah"``.
+
+    Returns:
+        The entry of :data:`PAPER_ACTION_REPEAT`, else 2 (the usual choice for harder tasks).
+    """
+    return PAPER_ACTION_REPEAT.get(domain, 2)
+
+
+def _check_task(domain: str, task: str) -> None:
+    """Raise a one-line ConfigError unless ``domain/task`` is a dm_control suite task."""
+    if (domain, task) in suite.ALL_TASKS:
+        return
+    tasks: dict[str, list[str]] = {}
+    for d, t in suite.ALL_TASKS:
+        tasks.setdefault(d, []).append(t)
+    if domain not in tasks:
+        raise ConfigError(
+            f"unknown dm_control domain {domain!r}",
+            f"set domain to one of {', '.join(sorted(tasks))} (e.g. domain=cheetah task=run)",
+        )
+    raise ConfigError(
+        f"unknown dm_control task {domain}/{task}",
+        f"set task to one of the {domain} tasks: {', '.join(sorted(tasks[domain]))}",
+    )
+
+
+def _check_gl_backend() -> None:
+    """Raise a ConfigError instead of an OpenGL crash when dm_control chose GLFW with no display."""
+    if _HEADLESS and _render.BACKEND == "glfw":
+        raise ConfigError(
+            "dm_control chose the GLFW renderer on a machine without a display (it was imported "
+            "before covr_lightning.envs with MUJOCO_GL unset)",
+            "export MUJOCO_GL=egl, or import covr_lightning.envs before dm_control",
+        )
+
+
+def _rescale_action(action: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Map an action from [-1, 1] linearly onto [low, high] (out-of-range inputs are clipped).
+
+    a_env = low + (a + 1) / 2 * (high - low)
+
+    Args:
+        action: (A,) action in [-1, 1].
+        low: (A,) lower bounds of the dm_control action spec.
+        high: (A,) upper bounds.
+
+    Returns:
+        (A,) float64 action for dm_control.
+    """
+    a = np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
+    return low + (a + 1.0) * 0.5 * (high - low)
+
+
+def _flatten_state(observation: dict[str, Any]) -> np.ndarray:
+    """Concatenate a dm_control observation dict (in spec order) into one float32 vector."""
+    return np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in observation.values()])
+
+
+class _LargeFrameRenderer:
+    """Renders one camera at a fixed size in its own GL context and offscreen buffer.
+
+    Used for frames larger than the policy buffer. The MjrContext sizes its offscreen buffer from
+    ``model.vis.global_`` when it is created, so that is enlarged for the creation only and put back:
+    the policy context (created before or after) and dm_control's size checks keep the small buffer.
+
+    Args:
+        physics: The env's dm_control physics (model and data are shared, not copied).
+        height: Frame height in pixels.
+        width: Frame width in pixels.
+        camera_id: Fixed camera index.
+    """
+
+    def __init__(self, physics: engine.Physics, height: int, width: int, camera_id: int) -> None:
+        self.size = (height, width)
+        model = physics.model
+        self._gl = _render.Renderer(max_width=width, max_height=height)
+        saved = (model.vis.global_.offwidth, model.vis.global_.offheight)
+        model.vis.global_.offwidth, model.vis.global_.offheight = width, height
+        try:
+            self._mjr = wrapper.MjrContext(model, self._gl)
+        finally:
+            model.vis.global_.offwidth, model.vis.global_.offheight = saved
+        self._scene = mujoco.MjvScene(model.ptr, maxgeom=10_000)
+        self._option = mujoco.MjvOption()
+        self._perturb = mujoco.MjvPerturb()
+        self._camera = mujoco.MjvCamera()
+        self._camera.type = mujoco.mjtCamera.mjCAMERA_FIXED
+        self._camera.fixedcamid = camera_id
+        self._rect = mujoco.MjrRect(0, 0, width, height)
+        self._rgb = np.empty((height, width, 3), dtype=np.uint8)
+
+    def render(self, physics: engine.Physics) -> np.ndarray:
+        """Returns the current view as a (H, W, 3) uint8 array."""
+        mujoco.mjv_updateScene(
+            physics.model.ptr,
+            physics.data.ptr,
+            self._option,
+            self._perturb,
+            self._camera,
+            mujoco.mjtCatBit.mjCAT_ALL,
+            self._scene,
+        )
+        with self._gl.make_current() as ctx:
+            ctx.call(self._draw)
+        return self._gl.to_pixels(self._rgb).copy()  # GL rows start at the bottom: flip
+
+    def _draw(self) -> None:
+        mujoco.mjr_render(self._rect, self._scene, self._mjr.ptr)
+        mujoco.mjr_readPixels(self._rgb, None, self._rect, self._mjr.ptr)
+
+    def close(self) -> None:
+        """Frees the GL context and its buffers."""
+        self._mjr.free()
+        self._gl.free()
+
+
+class DMCEnv(gymnasium.Env):
+    """A dm_control suite task behind the gymnasium API, with frame stacking and action repeat.
+
+    Args:
+        domain: dm_control domain, e.g. ``"cheetah"``.
+        task: Task of that domain, e.g. ``"run"``.
+        obs: ``"pixels"`` (stacked uint8 camera frames) or ``"state"`` (the flat proprioceptive
+            vector, never stacked).
+        image_size: Side of the square pixel frames.
+        frame_stack: Frames per pixel observation (3 in the recipe); forced to 1 for ``"state"``.
+        action_repeat: Env steps per agent step; ``None`` takes :func:`default_action_repeat`.
+        camera_id: Fixed camera; ``None`` takes 0 (2 for quadruped, as in DrQ / RAD).
+        max_episode_env_steps: Optional cap on env steps per episode (truncation), below the
+            task's own time limit (1000 env steps for most tasks).
+        seed: Seed of the task's random state (initial states); ``reset(seed=...)`` reseeds.
+
+    Attributes:
+        observation_space: pixels: Box uint8 (frame_stack*3, image_size, image_size);
+            state: Box float32 (state_dim,).
+        action_space: Box float32 [-1, 1]^A, rescaled linearly to the dm_control bounds in
+            :meth:`step`.
+        frame_shape: One frame: (3, H, W) for pixels, (state_dim,) for state.
+        frame_stack: Frames per observation.
+        action_repeat: Env steps per agent step.
+        env_steps: Env steps taken since construction (a repeat cut short by the episode's end
+            counts only the steps taken).
+
+    Raises:
+        ConfigError: Unknown domain/task or obs mode, or a non-positive size, stack, repeat, step
+            cap, or a camera the model does not have.
+    """
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(
+        self,
+        domain: str = "cheetah",
+        task: str = "run",
+        obs: Literal["pixels", "state"] = "pixels",
+        image_size: int = 84,
+        frame_stack: int = 3,
+        action_repeat: int | None = None,
+        camera_id: int | None = None,
+        max_episode_env_steps: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        _check_task(domain, task)
+        if obs not in ("pixels", "state"):
+            raise ConfigError(f"unknown obs mode {obs!r}", "set obs to 'pixels' or 'state'")
+        if obs == "pixels":
+            _check_gl_backend()
+        action_repeat = default_action_repeat(domain) if action_repeat is None else action_repeat
+        for name, value in (
+            ("image_size", image_size),
+            ("frame_stack", frame_stack),
+            ("action_repeat", action_repeat),
+            (
+                "max_episode_env_steps",
+                1 if max_episode_env_steps is None else max_episode_env_steps,
+            ),
+        ):
+            if int(value) != value or value < 1:
+                raise ConfigError(f"{name}={value} is not a positive integer", f"set {name} >= 1")
+
+        self.domain, self.task, self.obs_mode = domain, task, obs
+        self.image_size = int(image_size)
+        self.action_repeat = int(action_repeat)
+        self.frame_stack = int(frame_stack) if obs == "pixels" else 1
+        self.max_episode_env_steps = max_episode_env_steps
+        self.camera_id = _DEFAULT_CAMERA.get(domain, 0) if camera_id is None else int(camera_id)
+        self.render_mode = "rgb_array"
+        self.env_steps = 0
+
+        self._env = suite.load(domain, task, task_kwargs={"random": seed})
+        physics = self._env.physics
+        if not 0 <= self.camera_id < physics.model.ncam:
+            self._env.close()
+            raise ConfigError(
+                f"camera_id={self.camera_id} does not exist in {domain} "
+                f"({physics.model.ncam} cameras)",
+                f"set camera_id between 0 and {physics.model.ncam - 1}",
+            )
+        # Must happen before the first render: dm_control creates its GL contexts lazily and
+        # sizes the offscreen buffer (and its MSAA samples) from these fields at that moment.
+        physics.model.vis.global_.offwidth = self.image_size
+        physics.model.vis.global_.offheight = self.image_size
+        physics.model.vis.quality.offsamples = 0
+        physics.model.light_castshadow[:] = 0
+        self._camera: engine.Camera | None = None  # policy camera, created on first render
+        self._large: _LargeFrameRenderer | None = None
+
+        spec = self._env.action_spec()
+        self._action_low = np.asarray(spec.minimum, dtype=np.float64) * np.ones(spec.shape)
+        self._action_high = np.asarray(spec.maximum, dtype=np.float64) * np.ones(spec.shape)
+        self.action_space = gymnasium.spaces.Box(-1.0, 1.0, shape=spec.shape, dtype=np.float32)
+
+        if obs == "pixels":
+            self.frame_shape: tuple[int, ...] = (3, self.image_size, self.image_size)
+            self.observation_space = gymnasium.spaces.Box(
+                0,
+                255,
+                shape=(3 * self.frame_stack, self.image_size, self.image_size),
+                dtype=np.uint8,
+            )
+        else:
+            dim = sum(int(np.prod(s.shape)) for s in self._env.observation_spec().values())
+            self.frame_shape = (dim,)
+            self.observation_space = gymnasium.spaces.Box(
+                -np.inf, np.inf, shape=(dim,), dtype=np.float32
+            )
+
+        self._frames: deque[np.ndarray] = deque(maxlen=self.frame_stack)
+        self._episode_env_steps = 0
+        self._episode_return = 0.0
+        self._needs_reset = True
+
+    # ---------------------------------------------------------------- gymnasium API
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Starts an episode.
+
+        Args:
+            seed: If given, reseeds the task's random state (as if constructed with this seed).
+            options: Unused (gymnasium API).
+
+        Returns:
+            The first observation (its stack holds copies of the first frame) and an empty dict.
+        """
+        super().reset(seed=seed)
+        if seed is not None:
+            self._env.task.random.seed(seed)
+        time_step = self._env.reset()
+        self._episode_env_steps = 0
+        self._episode_return = 0.0
+        self._needs_reset = False
+        frame = self._frame(time_step.observation)
+        for _ in range(self.frame_stack):
+            self._frames.append(frame)
+        return self._observation(), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Repeats ``action`` for ``action_repeat`` env steps (fewer if the episode ends).
+
+        Args:
+            action: (A,) action in [-1, 1]; clipped, then rescaled to the dm_control bounds.
+
+        Returns:
+            ``(obs, reward, terminated, truncated, info)``: reward summed over the repeat;
+            ``terminated`` when dm_control ends the episode with discount 0; ``truncated`` at the
+            task's time limit or ``max_episode_env_steps``; info has ``env_steps`` (taken in this
+            call), ``episode_return`` (running sum) and ``discount``.
+
+        Raises:
+            RuntimeError: If called before :meth:`reset` or after the episode ended.
+            ValueError: If the action's shape is not the action space's.
+        """
+        if self._needs_reset:
+            raise RuntimeError("DMCEnv.step called before reset() or after the episode ended")
+        action = np.asarray(action)
+        if action.shape != self.action_space.shape:
+            raise ValueError(f"action shape {action.shape} != {self.action_space.shape}")
+        env_action = _rescale_action(action, self._action_low, self._action_high)
+
+        reward, steps, discount = 0.0, 0, 1.0
+        last = capped = False
+        time_step = None
+        for _ in range(self.action_repeat):
+            time_step = self._env.step(env_action)
+            steps += 1
+            reward += float(time_step.reward or 0.0)
+            discount = float(time_step.discount) if time_step.discount is not None else 1.0
+            last = time_step.last()
+            capped = (
+                self.max_episode_env_steps is not None
+                and self._episode_env_steps + steps >= self.max_episode_env_steps
+            )
+            if last or capped:
+                break
+        assert time_step is not None  # action_repeat >= 1
+
+        self.env_steps += steps
+        self._episode_env_steps += steps
+        self._episode_return += reward
+        terminated = last and discount == 0.0
+        truncated = (last or capped) and not terminated
+        self._needs_reset = terminated or truncated
+        self._frames.append(self._frame(time_step.observation))
+        info = {"env_steps": steps, "episode_return": self._episode_return, "discount": discount}
+        return self._observation(), reward, terminated, truncated, info
+
+    def render(self, height: int | None = None, width: int | None = None) -> np.ndarray:
+        """Renders the current state from the env's camera at any size.
+
+        Args:
+            height: Image height; defaults to ``image_size``.
+            width: Image width; defaults to ``image_size``.
+
+        Returns:
+            (height, width, 3) uint8 RGB image.
+        """
+        _check_gl_backend()
+        height = self.image_size if height is None else int(height)
+        width = self.image_size if width is None else int(width)
+        physics = self._env.physics
+        if (height, width) == (self.image_size, self.image_size):
+            return self._policy_view().copy()
+        if height <= self.image_size and width <= self.image_size:
+            return physics.render(height, width, camera_id=self.camera_id)
+        if self._large is None or self._large.size != (height, width):
+            if self._large is not None:
+                self._large.close()
+            self._large = _LargeFrameRenderer(physics, height, width, self.camera_id)
+        return self._large.render(physics)
+
+    def close(self) -> None:
+        """Frees the GL contexts and the dm_control environment (idempotent)."""
+        if self._large is not None:
+            self._large.close()
+            self._large = None
+        if self._camera is not None:
+            self._camera.scene.free()
+            self._camera = None
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+
+    # ---------------------------------------------------------------- helpers
+
+    def _policy_view(self) -> np.ndarray:
+        """(S, S, 3) uint8 view of the persistent camera's reused buffer (copy before keeping).
+
+        One camera for all policy frames: ``physics.render`` would allocate a scene per frame,
+        which costs about as much as the drawing itself at 84x84.
+        """
+        if self._camera is None:
+            self._camera = engine.Camera(
+                self._env.physics, self.image_size, self.image_size, self.camera_id
+            )
+        return self._camera.render()
+
+    def _frame(self, observation: dict[str, Any]) -> np.ndarray:
+        """One frame: (3, S, S) uint8 for pixels, (state_dim,) float32 for state."""
+        if self.obs_mode == "state":
+            return _flatten_state(observation)
+        return np.ascontiguousarray(self._policy_view().transpose(2, 0, 1))
+
+    def _observation(self) -> np.ndarray:
+        if self.frame_stack == 1:
+            return self._frames[-1].copy()
+        return np.concatenate(self._frames, axis=0)

@@ -1,0 +1,29 @@
+"""User-facing errors: one line naming the problem and the fix.
+
+The CLI turns a :class:`ConfigError` into a single line on stderr and exit code 2. Internal invariants
+use ``assert``; anything else that escapes is a bug and keeps its traceback under ``--debug``.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(Exception):
+    """Bad input from the user: a recipe typo, a wrong type, a missing file, server or weights.
+
+    Args:
+        problem: What is wrong, naming the key, path or value.
+        fix: What the user should do about it.
+    """
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        self.problem = problem.rstrip(".")
+        self.fix = fix.rstrip(".")
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        """The one-line message the CLI prints."""
+        return f"{self.problem}. Fix: {self.fix}." if self.fix else f"{self.problem}."
+
+
+class TrainingDivergedError(ConfigError):
+    """A loss or metric became NaN/inf; the last good checkpoint is left untouched."""

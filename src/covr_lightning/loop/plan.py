@@ -1,0 +1,54 @@
+"""The training plan a run prints before it starts (and ``--dry-run`` prints instead of training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from covr_lightning.config import import_class
+from covr_lightning.tracking.mlflow import resolve_tracking_uri
+
+
+def resolved_action_repeat(cfg) -> int | None:
+    """The env's action repeat from the recipe, or the env class's per-task default."""
+    init_args = cfg.env.init_args
+    if init_args.get("action_repeat"):
+        return int(init_args.action_repeat)
+    env_cls = import_class(cfg.env.class_path)
+    default = getattr(env_cls, "default_action_repeat", None)
+    if callable(default) and init_args.get("domain"):
+        return int(default(init_args.domain))
+    return None
+
+
+def plan_table(cfg, run_dir: Path) -> Table:
+    """A two-column table: budget in env and agent steps, cadence, batch, where things go."""
+    run, repeat = cfg.run, resolved_action_repeat(cfg)
+    table = Table(title="training plan", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    agent = f"{run.total_env_steps // repeat:,} agent steps" if repeat else "agent steps per env"
+    table.add_row("budget", f"{run.total_env_steps:,} env steps ({agent}, action repeat {repeat})")
+    warmup = f"{run.seed_env_steps:,} env steps of random actions"
+    table.add_row("warm-up", warmup)
+    if repeat:
+        updates = max(run.total_env_steps - run.seed_env_steps, 0) // repeat
+        table.add_row("updates", f"{updates:,} (one per agent step after warm-up)")
+    table.add_row("batch", str(cfg.replay.init_args.get("batch_size")))
+    table.add_row("replay capacity", f"{cfg.replay.init_args.get('capacity'):,} transitions")
+    table.add_row(
+        "evaluation", f"every {run.eval_every_env_steps:,} env steps, {run.eval_episodes} episodes"
+    )
+    table.add_row(
+        "checkpoints",
+        f"every {run.checkpoint_every_env_steps:,} env steps (at episode ends), keep "
+        f"{run.keep_checkpoints}",
+    )
+    table.add_row("policy", cfg.policy.class_path)
+    table.add_row("env", f"{cfg.env.class_path} {dict(cfg.env.init_args.as_dict())}")
+    table.add_row("device", f"{run.accelerator}, precision {run.precision}")
+    table.add_row("run directory", str(run_dir))
+    tracking = resolve_tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else "off"
+    table.add_row("MLflow", f"{tracking} (experiment {cfg.tracking.experiment})")
+    return table

@@ -1,0 +1,406 @@
+"""The training loop for the RL agent, on :class:`lightning.Fabric`.
+
+One agent step: act (random during warm-up, then the policy), step the env (``action_repeat`` env
+steps), store the transition, do one SAC update. Around it: evaluation of the deterministic policy,
+metrics to MLflow keyed by env step, whole-state checkpoints at episode ends, and resume.
+
+The COVR issue extends this class into the two-phase loop: :meth:`RLLoop.train_until` runs the RL
+phase up to an env step and :meth:`RLLoop.transition_extras` is where the VLM prior joins each
+stored transition, so the round structure can be added around it without rewriting the inner loop.
+Fabric facts designed around (see docs/architecture.md): ``fabric.call`` reaches only registered
+callbacks, so the loop calls module methods itself; ``LightningModule.log`` carries no step under
+Fabric, so the loop logs with the env step explicitly; each of SAC's three optimizers goes through
+``fabric.setup``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning import Fabric
+
+from covr_lightning.config import RunConfig, TrackingConfig, config_to_dict, dump_config, instantiate
+from covr_lightning.errors import ConfigError, TrainingDivergedError
+from covr_lightning.loop import checkpoint as ckpt
+from covr_lightning.tracking.mlflow import MLflowTracker
+from covr_lightning.tracking.progress import TrainingProgress
+
+
+class RunningMeans:
+    """Averages of update metrics over a logging window."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, float] = defaultdict(float)
+        self._counts: dict[str, int] = defaultdict(int)
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self._sums[key] += value
+            self._counts[key] += 1
+
+    def pop(self) -> dict[str, float]:
+        means = {key: self._sums[key] / self._counts[key] for key in self._sums}
+        self._sums.clear()
+        self._counts.clear()
+        return means
+
+
+def run_directory(cfg) -> Path:
+    """``<run.dir>/<tracking.experiment>/<run.name>``."""
+    return Path(cfg.run.dir) / cfg.tracking.experiment / cfg.run.name
+
+
+class RLLoop:
+    """Plain off-policy RL (SAC and its subclasses) from a validated recipe.
+
+    Args:
+        cfg: The resolved recipe (see :func:`covr_lightning.config.load_recipe`).
+        resume: ``None`` for a fresh run, ``"last"`` or a checkpoint/run path to continue one.
+    """
+
+    def __init__(self, cfg, resume: str | None = None) -> None:
+        self.cfg = cfg
+        self.run: RunConfig = RunConfig(**cfg.run.as_dict())
+        self.tracking = TrackingConfig(**cfg.tracking.as_dict())
+        self.run_dir = run_directory(cfg)
+        self.resume_from = self._prepare_run_dir(resume)
+
+        self.fabric = Fabric(
+            accelerator=self.run.accelerator, devices=1, precision=self.run.precision
+        )
+        self.fabric.seed_everything(self.run.seed, verbose=False)
+
+        self.env = instantiate(cfg.env, seed=self.run.seed)
+        self.eval_env = instantiate(cfg.env, seed=self.run.seed + 100_003)
+        self._check_env(self.env)
+        obs_space, act_space = self.env.observation_space, self.env.action_space
+
+        policy = instantiate(
+            cfg.policy, obs_shape=tuple(obs_space.shape), action_dim=int(act_space.shape[0])
+        )
+        self.policy, *self.optimizers = self.fabric.setup(policy, *policy.configure_optimizers())
+        self.module = self.policy.module  # the LightningModule itself, for its non-step methods
+
+        self.replay = instantiate(cfg.replay, seed=self.run.seed)
+        self.replay.allocate(
+            frame_shape=tuple(self.env.frame_shape),
+            frame_dtype=obs_space.dtype,
+            frame_stack=int(self.env.frame_stack),
+            action_shape=tuple(act_space.shape),
+        )
+        self.action_low, self.action_high = act_space.low, act_space.high
+        self.action_repeat = int(self.env.action_repeat)
+
+        self.rng = np.random.default_rng(self.run.seed)
+        self.env_steps = 0
+        self.agent_steps = 0
+        self.episodes = 0
+        self.updates = 0
+        self.next_eval_at = 0
+        self.next_checkpoint_at = self.run.checkpoint_every_env_steps
+        self.next_log_at = self.run.log_every_env_steps
+        self.last_episode_return = math.nan
+        self.last_eval_return = math.nan
+        self.mlflow_run_id: str | None = None
+        self.tracker = MLflowTracker(
+            self.tracking.experiment, self.tracking.uri, enabled=self.tracking.enabled
+        )
+        self._means = RunningMeans()
+        self._update_seconds = 0.0
+        self._updates_in_window = 0
+        self.last_eval_env_step = -1
+        self.last_checkpoint_env_step = -1
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _prepare_run_dir(self, resume: str | None) -> Path | None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ConfigError(
+                f"cannot write the run directory {self.run_dir} ({err.strerror or err})",
+                "set run.dir to a writable folder",
+            ) from err
+        if resume is not None:
+            return ckpt.resolve_resume(resume, self.run_dir)
+        if ckpt.latest_checkpoint(self.run_dir) is not None:
+            raise ConfigError(
+                f"{self.run_dir} already holds a run with checkpoints",
+                "continue it with --resume last, or start a new one with run.name=NEW",
+            )
+        return None
+
+    @staticmethod
+    def _check_env(env) -> None:
+        missing = [a for a in ("frame_shape", "frame_stack", "action_repeat") if not hasattr(env, a)]
+        if missing:
+            raise ConfigError(
+                f"env {type(env).__name__} lacks {', '.join(missing)}",
+                "envs used for training must expose frame_shape, frame_stack and action_repeat "
+                "(see covr_lightning.envs.DMCEnv)",
+            )
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, float]:
+        """Train until ``run.total_env_steps``; returns the final evaluation."""
+        config_file = self.run_dir / "config.yaml"
+        config_file.write_text(dump_config(self.cfg))
+        if self.resume_from is not None:
+            self.load(self.resume_from)
+        self.mlflow_run_id = self.tracker.start(
+            run_name=self.run.name,
+            config=config_to_dict(self.cfg),
+            config_file=config_file,
+            run_id=self.mlflow_run_id,
+            tags={"run_dir": str(self.run_dir.resolve())},
+        )
+        status = "FAILED"
+        with TrainingProgress(self.run.total_env_steps, self.env_steps) as self.progress:
+            self._announce()
+            try:
+                self.train_until(self.run.total_env_steps)
+                result = self.finish()
+                status = "FINISHED"
+                return result
+            except KeyboardInterrupt:
+                self.progress.log("interrupted: writing a checkpoint before exiting")
+                self.save()
+                status = "KILLED"
+                raise
+            finally:
+                self.tracker.finish(status)
+
+    def _announce(self) -> None:
+        if self.resume_from is not None:
+            self.progress.log(
+                f"resumed from {self.resume_from} at env step {self.env_steps:,} "
+                f"({len(self.replay):,} transitions in replay)"
+            )
+        device = self.fabric.device
+        self.progress.log(
+            f"run {self.run_dir}  device {device}  MLflow {self.tracker.uri if self.tracker.enabled else 'off'}"
+        )
+
+    def train_until(self, env_step_target: int) -> None:
+        """Run agent steps (act, store, update) until ``env_steps >= env_step_target``."""
+        obs = self.start_episode()
+        while self.env_steps < env_step_target:
+            action = self.select_action(obs)
+            next_obs, reward, terminated, truncated, info = self.env.step(action)
+            self.replay.add(action, reward, next_obs, terminated, **self.transition_extras())
+            self.env_steps += int(info.get("env_steps", self.action_repeat))
+            self.agent_steps += 1
+            self.episode_return += float(reward)
+            obs = next_obs
+
+            if self.env_steps >= self.run.seed_env_steps and len(self.replay) > 0:
+                self._means.add(self.update())
+            if self.env_steps >= self.next_log_at:
+                self.log_train_metrics()
+            if self.env_steps >= self.next_eval_at:
+                self.evaluate_and_log()
+            self.progress.update(self.env_steps)
+
+            if terminated or truncated:
+                self.end_episode()
+                if self.env_steps >= self.next_checkpoint_at:
+                    self.save()
+                if self.env_steps < env_step_target:
+                    obs = self.start_episode()
+
+    def start_episode(self) -> np.ndarray:
+        """Reset the training env and open a new episode in the replay buffer."""
+        # Reseed per episode from (seed, episode index): a resumed run meets the same episodes.
+        obs, _ = self.env.reset(seed=self.run.seed * 1_000_003 + self.episodes)
+        self.replay.start_episode(obs)
+        self.episode_return = 0.0
+        self.episode_start_env_step = self.env_steps
+        return obs
+
+    def end_episode(self) -> None:
+        self.episodes += 1
+        self.last_episode_return = self.episode_return
+        self.progress.episode(self.episode_return)
+        self.tracker.log_metrics(
+            {
+                "train/episode_return": self.episode_return,
+                "train/episode_env_steps": self.env_steps - self.episode_start_env_step,
+                "train/episodes": self.episodes,
+            },
+            step=self.env_steps,
+        )
+
+    def select_action(self, obs: np.ndarray) -> np.ndarray:
+        """Uniform random during warm-up, then a sample from the policy."""
+        if self.env_steps < self.run.seed_env_steps:
+            return self.rng.uniform(self.action_low, self.action_high).astype(np.float32)
+        return self.module.act(obs, deterministic=False)
+
+    def transition_extras(self) -> dict[str, Any]:
+        """Per-transition fields stored beside each transition (the COVR loop adds the prior)."""
+        return {}
+
+    def update(self) -> dict[str, float]:
+        """One gradient update of the policy on a replay batch."""
+        start = time.perf_counter()
+        batch = self.fabric.to_device(self.replay.sample())
+        metrics = self.policy.training_step(batch, self.updates)
+        self.updates += 1
+        self._update_seconds += time.perf_counter() - start
+        self._updates_in_window += 1
+        diverged = [key for key, value in metrics.items() if not math.isfinite(value)]
+        if diverged:
+            raise TrainingDivergedError(
+                f"training diverged: {diverged[0]} is {metrics[diverged[0]]} at env step "
+                f"{self.env_steps:,} (no checkpoint written after it)",
+                "lower the learning rates (policy.critic_lr, policy.actor_lr), or continue from "
+                "the last good checkpoint with --resume last",
+            )
+        return metrics
+
+    def log_train_metrics(self) -> None:
+        """Log the window's mean update metrics and throughput at the current env step."""
+        metrics = {f"train/{key}": value for key, value in self._means.pop().items()}
+        metrics["perf/env_steps_per_s"] = self.progress.env_steps_per_second
+        if self._updates_in_window:
+            metrics["perf/update_ms"] = 1000 * self._update_seconds / self._updates_in_window
+        self._update_seconds, self._updates_in_window = 0.0, 0
+        self.tracker.log_metrics(metrics, step=self.env_steps)
+        every = self.run.log_every_env_steps
+        self.next_log_at = (self.env_steps // every + 1) * every
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, episodes: int) -> list[float]:
+        """Returns of ``episodes`` episodes of the deterministic policy on the eval env."""
+        returns = []
+        for _ in range(episodes):
+            obs, _ = self.eval_env.reset()
+            done, total = False, 0.0
+            while not done:
+                obs, reward, terminated, truncated, _ = self.eval_env.step(
+                    self.module.act(obs, deterministic=True)
+                )
+                total += float(reward)
+                done = terminated or truncated
+            returns.append(total)
+        return returns
+
+    def evaluate_and_log(self) -> dict[str, float]:
+        returns = self.evaluate(self.run.eval_episodes)
+        mean, std = float(np.mean(returns)), float(np.std(returns))
+        self.last_eval_return = mean
+        self.last_eval_env_step = self.env_steps
+        self.progress.evaluation(self.env_steps, mean, std)
+        metrics = {"eval/return": mean, "eval/return_std": std}
+        self.tracker.log_metrics(metrics, step=self.env_steps)
+        self.next_eval_at = (
+            self.env_steps // self.run.eval_every_env_steps + 1
+        ) * self.run.eval_every_env_steps
+        return metrics
+
+    def finish(self) -> dict[str, float]:
+        """Final evaluation (unless one just ran) and the final checkpoint."""
+        if self.last_eval_env_step != self.env_steps:
+            result = self.evaluate_and_log()
+        else:
+            result = {"eval/return": self.last_eval_return}
+        if self.last_checkpoint_env_step != self.env_steps:
+            self.save()
+        self.progress.log(
+            f"done: {self.env_steps:,} env steps, {self.episodes} episodes, "
+            f"final eval return {result['eval/return']:.1f}"
+        )
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the replay buffer's arrays (those stream to their own files)."""
+        return {
+            "policy_class": type(self.module).__module__ + "." + type(self.module).__qualname__,
+            "policy": self.module.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "loop": {
+                "env_steps": self.env_steps,
+                "agent_steps": self.agent_steps,
+                "episodes": self.episodes,
+                "updates": self.updates,
+                "next_eval_at": self.next_eval_at,
+                "next_checkpoint_at": self.next_checkpoint_at,
+                "next_log_at": self.next_log_at,
+                "last_episode_return": self.last_episode_return,
+                "last_eval_return": self.last_eval_return,
+                "rng": self.rng.bit_generator.state,
+            },
+            "mlflow_run_id": self.mlflow_run_id,
+            "rng": ckpt.capture_rng_state(),
+        }
+
+    def save(self) -> Path:
+        """Write a whole-state checkpoint now."""
+        self.next_checkpoint_at = (
+            self.env_steps // self.run.checkpoint_every_env_steps + 1
+        ) * self.run.checkpoint_every_env_steps
+        path = ckpt.save_checkpoint(
+            self.fabric,
+            self.run_dir,
+            self.env_steps,
+            self.state_dict(),
+            self.replay,
+            keep=self.run.keep_checkpoints,
+        )
+        self.last_checkpoint_env_step = self.env_steps
+        self.progress.log(f"env step {self.env_steps:>9,}  checkpoint {path}")
+        return path
+
+    def load(self, checkpoint: Path) -> None:
+        """Restore everything from a checkpoint directory (strict)."""
+        state = ckpt.load_checkpoint(self.fabric, checkpoint)
+        expected = type(self.module).__module__ + "." + type(self.module).__qualname__
+        fix = f"resume with the recipe and overrides the run started with ({self.run_dir / 'config.yaml'})"
+        if state.get("policy_class") != expected:
+            raise ConfigError(
+                f"checkpoint {checkpoint} holds a {state.get('policy_class')}, the recipe builds {expected}",
+                fix,
+            )
+        try:
+            self.module.load_state_dict(state["policy"], strict=True)
+            if len(state["optimizers"]) != len(self.optimizers):
+                raise ValueError("number of optimizers differs")
+            for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
+                opt.load_state_dict(opt_state)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise ConfigError(
+                f"checkpoint {checkpoint} does not match the recipe's policy "
+                f"({str(err).splitlines()[0][:160]})",
+                fix,
+            ) from err
+        self.replay.load(checkpoint / ckpt.REPLAY_DIR)
+        loop = state["loop"]
+        for key in (
+            "env_steps",
+            "agent_steps",
+            "episodes",
+            "updates",
+            "next_eval_at",
+            "next_checkpoint_at",
+            "next_log_at",
+            "last_episode_return",
+            "last_eval_return",
+        ):
+            setattr(self, key, loop[key])
+        self.rng.bit_generator.state = loop["rng"]
+        self.mlflow_run_id = state.get("mlflow_run_id")
+        ckpt.restore_rng_state(state["rng"])

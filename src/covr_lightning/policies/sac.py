@@ -1,0 +1,463 @@
+"""Pixel SAC as in RAD/CURL (Laskin et al. 2020), as a LightningModule with manual optimisation.
+
+One :meth:`SACPolicyModule.training_step` is one SAC update, in CURL's order:
+
+1. **Critic** (every step). The loss steps ``critic_opt`` = shared encoder + both Q heads; it is the
+   only loss that trains the encoder. The target y is built under ``torch.no_grad``:
+   a' ~ pi(.|s') from the *current* actor on the *online* encoder's features of s' (CURL's
+   ``self.actor(next_obs)``, whose conv weights are the critic's), Q-bar from the *target* encoder
+   and target critic, alpha as a constant.
+2. **Actor and temperature** (every ``actor_update_every`` steps, when ``update_step`` is a
+   multiple of it, the first step included). The actor loss steps ``actor_opt`` only: the encoder
+   runs under ``torch.no_grad`` (detached features) and the critic's parameters are frozen while
+   it evaluates Q(s, pi(s)), so neither gets a gradient; alpha enters detached. The features of s
+   are *recomputed* after the critic step, as CURL does (the actor sees the representation the
+   just-updated critic evaluates); this costs one no-grad encoder forward on actor steps only.
+   The temperature loss then steps ``temperature_opt`` with log pi detached.
+3. **Targets** (every ``target_update_every`` steps): EMA of the encoder (``encoder_tau``) and of
+   the Q heads (``critic_tau``), from the freshly updated online weights.
+
+Augmentation (:meth:`SACPolicyModule.augment`, identity here, RAD overrides it) is applied to obs
+and next_obs once per step; the augmented batch feeds both the critic and the actor.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import lightning
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from covr_lightning.errors import ConfigError
+from covr_lightning.policies import losses
+from covr_lightning.policies.networks import Actor, TwinCritic, make_encoder, weight_init
+
+__all__ = ["SACPolicyModule", "VLMPrior"]
+
+
+@dataclass
+class VLMPrior:
+    """Inputs of COVR's VLM regulariser ``lambda * ||a_v - a_r||^2`` in the actor loss.
+
+    Attributes:
+        action: ``(B, A)`` VLM action a_v in [-1, 1].
+        mask: ``(B,)`` bool or 0/1 float; rows whose VLM answer parsed.
+        weight: lambda (1.0 DMC, 2.0 CARLA in the paper).
+    """
+
+    action: Tensor
+    mask: Tensor
+    weight: float
+
+
+@contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """Temporarily stop ``module``'s parameters from collecting gradient (inputs still get it)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class SACPolicyModule(lightning.LightningModule):
+    """Pixel (or state) SAC with a shared encoder, twin critics and a learned temperature.
+
+    Defaults are RAD/CURL's DMC settings. Optimizers (:meth:`configure_optimizers`):
+    ``[actor_opt, critic_opt, temperature_opt]``; Adam with betas (0.9, 0.999) for actor and
+    critic, (0.5, 0.999) for the temperature. Target entropy H-bar = -action_dim.
+
+    Where the optimizers come from in :meth:`training_step`:
+
+    * under ``lightning.Fabric`` (after ``fabric.setup(module, *module.configure_optimizers())``)
+      and under ``lightning.Trainer``: ``self.optimizers()`` and ``self.manual_backward()``;
+    * standalone (neither attached, e.g. a unit test or a notebook): the first step builds
+      optimizers with :meth:`configure_optimizers` and keeps them in ``standalone_optimizers``;
+      backward is plain ``loss.backward()``. Checkpoint those yourself if you train this way.
+
+    Args:
+        obs_shape: ``(C, H, W)`` pixels (uint8 frames stacked on channels) or ``(D,)`` state.
+        action_dim: A; actions lie in [-1, 1]^A.
+        feature_dim: Encoder output size (50).
+        num_conv_layers: Conv layers of the pixel encoder (4).
+        num_filters: Channels per conv layer (32).
+        hidden_dim: Width of actor and critic hidden layers (1024).
+        actor_lr: Actor learning rate (1e-3; RAD uses 2e-4 for cheetah).
+        critic_lr: Encoder + critic learning rate (1e-3).
+        temperature_lr: log alpha learning rate (1e-4).
+        init_temperature: Initial alpha (0.1).
+        gamma: Discount (0.99).
+        critic_tau: EMA step of the target Q heads (0.01).
+        encoder_tau: EMA step of the target encoder (0.05).
+        actor_update_every: Update actor and alpha every this many steps (2).
+        target_update_every: Update the targets every this many steps (2).
+        actor_log_std_min: Lower bound of the actor's log sigma (-10).
+        actor_log_std_max: Upper bound of the actor's log sigma (2).
+
+    Raises:
+        ConfigError: On an out-of-range hyperparameter or an unsupported ``obs_shape``.
+    """
+
+    def __init__(
+        self,
+        obs_shape: tuple[int, ...],
+        action_dim: int,
+        *,
+        feature_dim: int = 50,
+        num_conv_layers: int = 4,
+        num_filters: int = 32,
+        hidden_dim: int = 1024,
+        actor_lr: float = 1e-3,
+        critic_lr: float = 1e-3,
+        temperature_lr: float = 1e-4,
+        init_temperature: float = 0.1,
+        gamma: float = 0.99,
+        critic_tau: float = 0.01,
+        encoder_tau: float = 0.05,
+        actor_update_every: int = 2,
+        target_update_every: int = 2,
+        actor_log_std_min: float = -10.0,
+        actor_log_std_max: float = 2.0,
+    ) -> None:
+        super().__init__()
+        _check_hparams(
+            action_dim=action_dim,
+            init_temperature=init_temperature,
+            gamma=gamma,
+            critic_tau=critic_tau,
+            encoder_tau=encoder_tau,
+            actor_update_every=actor_update_every,
+            target_update_every=target_update_every,
+        )
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+
+        self.obs_shape = tuple(int(s) for s in obs_shape)
+        self.action_dim = int(action_dim)
+        self.actor_lr = actor_lr
+        self.critic_lr = critic_lr
+        self.temperature_lr = temperature_lr
+        self.gamma = gamma
+        self.critic_tau = critic_tau
+        self.encoder_tau = encoder_tau
+        self.actor_update_every = actor_update_every
+        self.target_update_every = target_update_every
+        self.target_entropy = -float(action_dim)  # H-bar = -|A|
+
+        self.encoder = make_encoder(
+            self.obs_shape, feature_dim, num_layers=num_conv_layers, num_filters=num_filters
+        )
+        self.actor = Actor(
+            feature_dim, action_dim, hidden_dim, actor_log_std_min, actor_log_std_max
+        )
+        self.critic = TwinCritic(feature_dim, action_dim, hidden_dim)
+        for net in (self.encoder, self.actor, self.critic):
+            net.apply(weight_init)
+        # Targets start as exact copies and are never in an optimizer.
+        self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(init_temperature)))
+
+        self.prior_weight: float = 0.0  # lambda; set by the COVR loop (not checkpointed here)
+        self.update_step: int = 0  # training_step calls; in state_dict via get_extra_state
+        self.standalone_optimizers: list[torch.optim.Optimizer] | None = None
+        self._policy_entropy: Tensor | None = None
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def alpha(self) -> Tensor:
+        """Temperature alpha = exp(log alpha) (carries grad to log alpha)."""
+        return self.log_alpha.exp()
+
+    @property
+    def policy_entropy(self) -> float:
+        """Mean of -log pi(a|s) over the last actor batch; NaN before the first actor update."""
+        if self._policy_entropy is None:
+            return float("nan")
+        return float(self._policy_entropy)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Build the three optimizers.
+
+        Returns:
+            ``[actor_opt, critic_opt, temperature_opt]``: actor parameters; encoder + twin critic
+            parameters; ``log_alpha``.
+        """
+        actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr, betas=(0.9, 0.999))
+        critic_opt = torch.optim.Adam(
+            [*self.encoder.parameters(), *self.critic.parameters()],
+            lr=self.critic_lr,
+            betas=(0.9, 0.999),
+        )
+        temperature_opt = torch.optim.Adam(
+            [self.log_alpha], lr=self.temperature_lr, betas=(0.5, 0.999)
+        )
+        return [actor_opt, critic_opt, temperature_opt]
+
+    def augment(self, obs: Tensor) -> Tensor:
+        """Data augmentation seam; identity for plain SAC (RAD overrides it).
+
+        Args:
+            obs: ``(B, *obs_shape)`` observations as sampled (uint8 pixels).
+
+        Returns:
+            Augmented observations with the shape the encoder was built for.
+        """
+        return obs
+
+    # ------------------------------------------------------------------ losses
+    def critic_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Soft Bellman error of both Q heads; gradient reaches the encoder and the critic only.
+
+        Args:
+            batch: ``obs``, ``action`` (B, A), ``reward`` (B,), ``next_obs``, ``terminated`` (B,);
+                already augmented.
+
+        Returns:
+            ``(loss, metrics)``; metrics are detached scalars ``critic_loss``, ``q1_mean``,
+            ``q2_mean``, ``target_q_mean``.
+        """
+        with torch.no_grad():
+            # a' ~ pi(.|s') from the current actor on the online encoder (CURL); Q-bar on the targets.
+            next_action, next_log_pi, _ = self.actor(self.encoder(batch["next_obs"]))
+            next_q1, next_q2 = self.target_critic(
+                self.target_encoder(batch["next_obs"]), next_action
+            )
+            target = losses.soft_q_target(
+                batch["reward"],
+                batch["terminated"],
+                next_q1,
+                next_q2,
+                next_log_pi,
+                self.alpha,
+                self.gamma,
+            )
+        q1, q2 = self.critic(self.encoder(batch["obs"]), batch["action"])  # grad -> encoder, critic
+        loss = losses.critic_loss(q1, q2, target)
+        metrics = {
+            "critic_loss": loss.detach(),
+            "q1_mean": q1.detach().mean(),
+            "q2_mean": q2.detach().mean(),
+            "target_q_mean": target.mean(),
+        }
+        return loss, metrics
+
+    def actor_loss(
+        self, batch: dict[str, Tensor], prior: VLMPrior | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """SAC policy loss (+ COVR's VLM prior); gradient reaches the actor only.
+
+        The encoder runs under ``no_grad`` (the actor sees detached features) and the critic is
+        frozen while it scores the actions, so only actor parameters get gradient. The prior term
+        compares a_v with the actor's *mean* action tanh(mu): pulling the sample instead would also
+        shrink the policy's variance and fight the entropy bonus.
+
+        Args:
+            batch: Needs ``obs`` (already augmented).
+            prior: VLM actions, mask and lambda, or ``None`` for plain SAC.
+
+        Returns:
+            ``(loss, metrics)``; metrics are detached scalars ``actor_loss``, ``log_pi`` (mean),
+            ``entropy`` (mean of -log pi), ``actor_q_mean`` and, with a prior,
+            ``prior_penalty`` and ``prior_valid_frac``.
+        """
+        with torch.no_grad():
+            features = self.encoder(batch["obs"])  # detached: the actor never trains the encoder
+        action, log_pi, mean_action = self.actor(features)
+        with _frozen(self.critic):
+            q1, q2 = self.critic(features, action)
+        loss = losses.actor_loss(self.alpha.detach(), log_pi, q1, q2)
+        log_pi_mean = log_pi.detach().mean()
+        metrics = {
+            "log_pi": log_pi_mean,
+            "entropy": -log_pi_mean,
+            "actor_q_mean": torch.min(q1, q2).detach().mean(),
+        }
+        if prior is not None:
+            # L = L_pi + lambda * P(a_v, tanh(mu))
+            penalty = losses.vlm_prior_penalty(prior.action, mean_action, prior.mask)
+            loss = loss + prior.weight * penalty
+            metrics["prior_penalty"] = penalty.detach()
+            metrics["prior_valid_frac"] = prior.mask.detach().float().mean()
+        metrics["actor_loss"] = loss.detach()
+        return loss, metrics
+
+    def temperature_loss(self, log_pi_mean: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Entropy-tuning loss of log alpha (log pi detached inside).
+
+        Args:
+            log_pi_mean: Scalar mean log pi(a|s) of the last actor batch.
+
+        Returns:
+            ``(loss, metrics)``; metrics ``temperature_loss`` and ``alpha`` (before this update).
+        """
+        loss = losses.temperature_loss(self.log_alpha, log_pi_mean, self.target_entropy)
+        return loss, {"temperature_loss": loss.detach(), "alpha": self.alpha.detach()}
+
+    # ------------------------------------------------------------------ update
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int = 0) -> dict[str, float]:
+        """One SAC update (critic; actor and alpha on their steps; targets on theirs).
+
+        Args:
+            batch: Replay batch: ``obs``, ``action``, ``reward``, ``next_obs``, ``terminated``, and
+                optionally ``prior`` (B, A) and ``prior_mask`` (B,). Moved to this module's device.
+            batch_idx: Unused (Lightning signature).
+
+        Returns:
+            Flat dict of floats for the terms computed this step (one host sync in total).
+        """
+        actor_opt, critic_opt, temperature_opt = self._get_optimizers()
+        step = self.update_step
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        # Augment once; the same augmented views feed the critic and the actor.
+        batch["obs"] = self.augment(batch["obs"])
+        batch["next_obs"] = self.augment(batch["next_obs"])
+        metrics: dict[str, Tensor] = {}
+
+        # Critic loss -> critic_opt (encoder + Q1 + Q2).
+        loss, m = self.critic_loss(batch)
+        critic_opt.zero_grad(set_to_none=True)
+        self._backward(loss)
+        critic_opt.step()
+        metrics.update(m)
+
+        if step % self.actor_update_every == 0:
+            prior = None
+            if self.prior_weight > 0 and "prior" in batch and "prior_mask" in batch:
+                prior = VLMPrior(batch["prior"], batch["prior_mask"], float(self.prior_weight))
+            # Actor loss -> actor_opt (actor only).
+            loss, m = self.actor_loss(batch, prior)
+            actor_opt.zero_grad(set_to_none=True)
+            self._backward(loss)
+            actor_opt.step()
+            metrics.update(m)
+            self._policy_entropy = m["entropy"]
+            # Temperature loss -> temperature_opt (log alpha only).
+            loss, m = self.temperature_loss(m["log_pi"])
+            temperature_opt.zero_grad(set_to_none=True)
+            self._backward(loss)
+            temperature_opt.step()
+            metrics.update(m)
+
+        if step % self.target_update_every == 0:
+            losses.soft_update_(self.target_encoder, self.encoder, self.encoder_tau)
+            losses.soft_update_(self.target_critic, self.critic, self.critic_tau)
+
+        self.update_step = step + 1
+        names = list(metrics)
+        values = torch.stack([metrics[k].float().reshape(()) for k in names]).tolist()
+        return dict(zip(names, values, strict=True))
+
+    def _get_optimizers(self) -> tuple[Any, Any, Any]:
+        """``(actor_opt, critic_opt, temperature_opt)`` from Fabric/Trainer, else our own."""
+        if self.fabric is not None or self._trainer is not None:
+            opts = self.optimizers()
+            opts = opts if isinstance(opts, list) else [opts]
+            if len(opts) != 3:
+                raise RuntimeError(
+                    f"{type(self).__name__} expects 3 optimizers from its Fabric/Trainer, got "
+                    f"{len(opts)}. Fix: fabric.setup(module, *module.configure_optimizers())."
+                )
+            return opts[0], opts[1], opts[2]
+        if self.standalone_optimizers is None:
+            self.standalone_optimizers = self.configure_optimizers()
+        actor_opt, critic_opt, temperature_opt = self.standalone_optimizers
+        return actor_opt, critic_opt, temperature_opt
+
+    def _backward(self, loss: Tensor) -> None:
+        if self.fabric is not None or self._trainer is not None:
+            self.manual_backward(loss)  # Fabric: fabric.backward; Trainer: strategy.backward
+        else:
+            loss.backward()
+
+    # ------------------------------------------------------------------ acting
+    @torch.no_grad()
+    def act(self, obs: np.ndarray | Tensor, deterministic: bool = False) -> np.ndarray:
+        """Choose an action with the online encoder and actor (no augmentation, no grad).
+
+        Args:
+            obs: One observation shaped ``obs_shape`` or a batch ``(B, *obs_shape)``; uint8 pixels
+                as the env returns them.
+            deterministic: Return tanh(mu) instead of a sample (evaluation).
+
+        Returns:
+            float32 ``(A,)`` for one observation, ``(B, A)`` for a batch, in [-1, 1].
+
+        Raises:
+            ConfigError: If ``obs`` does not match ``obs_shape``.
+        """
+        x = torch.as_tensor(np.ascontiguousarray(obs)) if isinstance(obs, np.ndarray) else obs
+        single = tuple(x.shape) == self.obs_shape
+        if not single and tuple(x.shape[1:]) != self.obs_shape:
+            raise ConfigError(
+                f"act() got an observation of shape {tuple(x.shape)}, expected {self.obs_shape} "
+                f"or (B, {', '.join(map(str, self.obs_shape))})",
+                "build the policy with the environment's observation_space.shape",
+            )
+        if x.is_floating_point():
+            x = x.float()
+        x = x.to(self.device, non_blocking=True)
+        if single:
+            x = x.unsqueeze(0)
+        action, _, _ = self.actor(self.encoder(x), deterministic=deterministic)
+        out = action[0] if single else action
+        return out.float().cpu().numpy()
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict[str, Any]:
+        """Non-tensor training state saved in ``state_dict()`` under ``_extra_state``.
+
+        Returns:
+            ``{"update_step": int, "policy_entropy": float | None}``.
+        """
+        entropy = None if self._policy_entropy is None else float(self._policy_entropy)
+        return {"update_step": int(self.update_step), "policy_entropy": entropy}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`get_extra_state` saved.
+
+        Args:
+            state: The dict from :meth:`get_extra_state`.
+        """
+        self.update_step = int(state["update_step"])
+        entropy = state.get("policy_entropy")
+        self._policy_entropy = None if entropy is None else torch.tensor(float(entropy))
+
+
+def _check_hparams(
+    *,
+    action_dim: int,
+    init_temperature: float,
+    gamma: float,
+    critic_tau: float,
+    encoder_tau: float,
+    actor_update_every: int,
+    target_update_every: int,
+) -> None:
+    if action_dim < 1:
+        raise ConfigError(f"action_dim must be >= 1, got {action_dim}", "pass action_space.shape[0]")
+    if not init_temperature > 0:
+        raise ConfigError(
+            f"init_temperature must be > 0, got {init_temperature}", "use 0.1 (RAD/CURL)"
+        )
+    if not 0.0 <= gamma <= 1.0:
+        raise ConfigError(f"gamma must be in [0, 1], got {gamma}", "use 0.99")
+    for name, tau, default in (("critic_tau", critic_tau, 0.01), ("encoder_tau", encoder_tau, 0.05)):
+        if not 0.0 < tau <= 1.0:
+            raise ConfigError(f"{name} must be in (0, 1], got {tau}", f"use {default} (RAD/CURL)")
+    for name, every in (
+        ("actor_update_every", actor_update_every),
+        ("target_update_every", target_update_every),
+    ):
+        if int(every) != every or every < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {every}", "use 2 (RAD/CURL)")

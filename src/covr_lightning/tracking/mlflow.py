@@ -1,0 +1,126 @@
+"""One MLflow run per fit: resolved config as params and artifact, metrics keyed by env step.
+
+The default store is ``sqlite:///mlflow.db`` in the working directory (MLflow's own default since
+3.7, so a plain ``mlflow ui`` there shows the runs); ``MLFLOW_TRACKING_URI`` or ``tracking.uri``
+override it. A resumed fit continues the MLflow run it started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from covr_lightning.errors import ConfigError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+_MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
+_MAX_PARAM_LENGTH = 6000  # MLflow 3 param value limit
+
+
+def resolve_tracking_uri(uri: str = "") -> str:
+    """``tracking.uri`` if set, else ``$MLFLOW_TRACKING_URI``, else the local SQLite store."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"policy": {"init_args": {"lr": 1e-3}}}`` -> ``{"policy.lr": "0.001"}``."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        if key == "init_args":
+            flat.update(flatten(value, prefix))
+            continue
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = str(value)[:_MAX_PARAM_LENGTH]
+    return flat
+
+
+class MLflowTracker:
+    """Logs one fit to one MLflow run through :class:`mlflow.MlflowClient`.
+
+    Args:
+        experiment: Experiment name (created if missing).
+        uri: Tracking URI (see :func:`resolve_tracking_uri`).
+        enabled: When ``False`` every method is a no-op, so the loop never branches on tracking.
+    """
+
+    def __init__(self, experiment: str, uri: str = "", enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.uri = resolve_tracking_uri(uri)
+        self.experiment = experiment
+        self.run_id: str | None = None
+        self._client = None
+
+    def start(
+        self,
+        run_name: str,
+        config: dict[str, Any],
+        config_file: Path,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> str | None:
+        """Open a new run (or reopen ``run_id`` when resuming) and log the config once.
+
+        Raises:
+            ConfigError: The tracking store cannot be opened or written.
+        """
+        if not self.enabled:
+            return None
+        import mlflow
+        from mlflow.entities import Param
+
+        # Store creation logs schema migrations at INFO; the run's own lines say what matters.
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+        try:
+            self._client = mlflow.MlflowClient(tracking_uri=self.uri)
+            if run_id is not None:
+                self._client.update_run(run_id, status="RUNNING")
+                self.run_id = run_id
+                return run_id
+            experiment = self._client.get_experiment_by_name(self.experiment)
+            experiment_id = (
+                experiment.experiment_id
+                if experiment
+                else self._client.create_experiment(self.experiment)
+            )
+            run = self._client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+        except Exception as err:  # MLflow raises MlflowException, sqlalchemy and OS errors
+            raise ConfigError(
+                f"cannot open the MLflow store {self.uri} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200]})",
+                "set tracking.uri or MLFLOW_TRACKING_URI to a writable store, "
+                "or tracking.enabled=false",
+            ) from err
+        self.run_id = run.info.run_id
+        params = [Param(k, v) for k, v in flatten(config).items()]
+        for start in range(0, len(params), _MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=params[start : start + _MAX_PARAMS_PER_BATCH])
+        self._client.log_artifact(self.run_id, str(config_file))
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log scalar metrics at ``step`` (always env steps)."""
+        if not self.enabled or self.run_id is None or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Copy a file into the run's artifacts."""
+        if self.enabled and self.run_id is not None:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the run with ``FINISHED``, ``KILLED`` or ``FAILED``."""
+        if self.enabled and self.run_id is not None:
+            self._client.set_terminated(self.run_id, status=status)

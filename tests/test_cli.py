@@ -1,0 +1,105 @@
+"""`covr-lightning` end to end: dry run, training, resume after a kill, one-line errors."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from covr_lightning.cli import main
+from covr_lightning.loop.checkpoint import STATE_FILE, latest_checkpoint
+from tests.helpers import TINY
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "covr_lightning", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_recipes_lists_packaged_recipes(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "quickstart.yaml" in out and "dmc_cheetah.yaml" in out
+
+
+def test_dry_run_prints_config_and_plan(capsys, workdir):
+    assert main(["fit", "--recipe", "dmc_cheetah", "--dry-run", "run.seed=5"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 5" in out and "class_path: covr_lightning.policies.sac.SACPolicyModule" in out
+    assert "100,000 env steps (25,000 agent steps, action repeat 4)" in out
+    assert not (workdir / "runs").exists()
+
+
+def test_fit_trains_logs_and_checkpoints(capsys, workdir):
+    assert main(["fit", "--recipe", "quickstart", *TINY, "run.total_env_steps=400"]) == 0
+    run_dir = workdir / "runs" / "covr-quickstart" / "quickstart"
+    assert latest_checkpoint(run_dir).name == "env_step_000000400"
+    assert (workdir / "mlflow.db").exists() is False  # the fixture points MLflow elsewhere
+    err = capsys.readouterr().err
+    assert "eval return" in err and "done: 400 env steps" in err
+
+
+def test_fresh_run_refuses_to_overwrite_a_run(capsys, workdir):
+    args = ["fit", "--recipe", "quickstart", *TINY, "run.total_env_steps=200"]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_and_reaches_the_budget(workdir):
+    args = ["fit", "--recipe", "quickstart", *TINY, "run.total_env_steps=1600"]
+    proc = subprocess.Popen([sys.executable, "-m", "covr_lightning", *args], stderr=subprocess.PIPE)
+    run_dir = workdir / "runs" / "covr-quickstart" / "quickstart"
+    deadline = time.time() + 240
+    while latest_checkpoint(run_dir) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int(latest_checkpoint(run_dir).name.split("_")[-1])
+    assert 0 < killed_at < 1600
+
+    done = _cli(*args, "--resume", "last")
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from {latest_checkpoint(run_dir).parent}" not in done.stderr  # sanity
+    assert f"at env step {killed_at:,}" in done.stderr
+    assert latest_checkpoint(run_dir).name == "env_step_000001600"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--recipe", "nope"], "no recipe 'nope'"),
+        (["--recipe", "quickstart", "policy.actor_lr=fast"], "expects float"),
+        (["--recipe", "quickstart", "policy.typo=1"], "unknown recipe key 'policy.typo'"),
+        (["--recipe", "quickstart", "run.dir=/proc/forbidden"], "cannot write the run directory"),
+        (["--recipe", "quickstart", "--resume", "last"], "no checkpoint"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, message, workdir):
+    result = _cli("fit", *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0] and "Fix:" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_checkpoint_exits_2_and_keeps_files(workdir):
+    args = ["fit", "--recipe", "quickstart", *TINY, "run.total_env_steps=200"]
+    assert main(args) == 0
+    checkpoint = latest_checkpoint(workdir / "runs" / "covr-quickstart" / "quickstart")
+    (checkpoint / STATE_FILE).write_bytes(b"\x00garbage")
+    result = _cli(*args, "--resume", "last")
+    assert result.returncode == 2
+    assert "corrupt or unreadable" in result.stderr and "Traceback" not in result.stderr
+    assert (checkpoint / STATE_FILE).read_bytes() == b"\x00garbage"  # nothing deleted
+
+
+def test_debug_shows_the_traceback(workdir):
+    result = _cli("fit", "--recipe", "nope", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
