@@ -102,4 +102,3 @@ def test_corrupt_checkpoint_exits_2_and_keeps_files(workdir):
 def test_debug_shows_the_traceback(workdir):
     result = _cli("fit", "--recipe", "nope", "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
-

@@ -21,8 +21,10 @@ EXIT_INTERRUPTED = 130
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (plus exit 2) like every other user error."""
 
-    def error(self, message: str):  # noqa: D102 - argparse API
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}. Fix: see `{self.prog} --help`.\n")
+    def error(self, message: str):
+        self.exit(
+            EXIT_USER_ERROR, f"{self.prog}: error: {message}. Fix: see `{self.prog} --help`.\n"
+        )
 
 
 def build_cli() -> argparse.ArgumentParser:

@@ -28,7 +28,9 @@ def fabric():
 
 def test_save_points_last_at_newest_and_prunes(tmp_path, fabric):
     for step in (100, 200, 300):
-        ckpt.save_checkpoint(fabric, tmp_path, step, {"x": torch.tensor(step)}, _FakeReplay(), keep=2)
+        ckpt.save_checkpoint(
+            fabric, tmp_path, step, {"x": torch.tensor(step)}, _FakeReplay(), keep=2
+        )
     kept = sorted(p.name for p in ckpt.checkpoints_dir(tmp_path).glob("env_step_*"))
     assert kept == ["env_step_000000200", "env_step_000000300"]
     latest = ckpt.latest_checkpoint(tmp_path)
@@ -68,9 +70,7 @@ def test_resume_without_checkpoint_explains(tmp_path):
 
 def test_rng_round_trip_through_a_weights_only_checkpoint(tmp_path, fabric):
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    ckpt.save_checkpoint(
-        fabric, tmp_path, 1, {"rng": ckpt.capture_rng_state()}, _FakeReplay()
-    )
+    ckpt.save_checkpoint(fabric, tmp_path, 1, {"rng": ckpt.capture_rng_state()}, _FakeReplay())
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     state = ckpt.load_checkpoint(fabric, ckpt.latest_checkpoint(tmp_path))

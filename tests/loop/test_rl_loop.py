@@ -6,11 +6,11 @@ import math
 
 import mlflow
 import torch
+from tests.helpers import TINY
 
 from covr_lightning.config import load_recipe
 from covr_lightning.loop.checkpoint import latest_checkpoint
 from covr_lightning.loop.rl_loop import RLLoop
-from tests.helpers import TINY
 
 
 def _fit(total: int, name: str, resume=None) -> RLLoop:
@@ -40,7 +40,9 @@ def test_metrics_are_logged_against_env_steps(workdir):
     run = client.get_run(loop.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["env.domain"] == "cartpole"
-    episode_steps = [m.step for m in client.get_metric_history(loop.mlflow_run_id, "train/episode_return")]
+    episode_steps = [
+        m.step for m in client.get_metric_history(loop.mlflow_run_id, "train/episode_return")
+    ]
     assert episode_steps == [200, 400]
     eval_steps = [m.step for m in client.get_metric_history(loop.mlflow_run_id, "eval/return")]
     assert eval_steps[0] == 8 and eval_steps[-1] == 400  # first agent step, then the end

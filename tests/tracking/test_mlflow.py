@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import mlflow
 
-from covr_lightning.tracking.mlflow import DEFAULT_TRACKING_URI, MLflowTracker, flatten, resolve_tracking_uri
+from covr_lightning.tracking.mlflow import (
+    DEFAULT_TRACKING_URI,
+    MLflowTracker,
+    flatten,
+    resolve_tracking_uri,
+)
 
 
 def test_flatten_drops_init_args_level():

@@ -25,7 +25,13 @@ import numpy as np
 import torch
 from lightning import Fabric
 
-from covr_lightning.config import RunConfig, TrackingConfig, config_to_dict, dump_config, instantiate
+from covr_lightning.config import (
+    RunConfig,
+    TrackingConfig,
+    config_to_dict,
+    dump_config,
+    instantiate,
+)
 from covr_lightning.errors import ConfigError, TrainingDivergedError
 from covr_lightning.loop import checkpoint as ckpt
 from covr_lightning.tracking.mlflow import MLflowTracker
@@ -141,7 +147,9 @@ class RLLoop:
 
     @staticmethod
     def _check_env(env) -> None:
-        missing = [a for a in ("frame_shape", "frame_stack", "action_repeat") if not hasattr(env, a)]
+        missing = [
+            a for a in ("frame_shape", "frame_stack", "action_repeat") if not hasattr(env, a)
+        ]
         if missing:
             raise ConfigError(
                 f"env {type(env).__name__} lacks {', '.join(missing)}",

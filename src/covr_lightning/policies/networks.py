@@ -39,7 +39,9 @@ def weight_init(module: nn.Module) -> None:
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Conv2d):
-        assert module.kernel_size[0] == module.kernel_size[1], "delta-orthogonal needs square kernels"
+        assert module.kernel_size[0] == module.kernel_size[1], (
+            "delta-orthogonal needs square kernels"
+        )
         nn.init.zeros_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
@@ -81,7 +83,8 @@ class PixelEncoder(nn.Module):
             )
         if num_layers < 1:
             raise ConfigError(f"num_conv_layers must be >= 1, got {num_layers}", "use 4 (RAD/CURL)")
-        min_side = 2 * num_layers + 3  # 3x3 stride 2 then (num_layers - 1) valid 3x3 convs
+        # 3x3 stride 2 gives floor((H - 3) / 2) + 1, each later valid 3x3 conv removes 2: H >= 4L - 1.
+        min_side = 4 * num_layers - 1
         if min(obs_shape[1:]) < min_side:
             raise ConfigError(
                 f"image {obs_shape[1]}x{obs_shape[2]} is too small for {num_layers} conv layers",
@@ -249,10 +252,8 @@ class Actor(nn.Module):
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (
             torch.tanh(raw_log_std) + 1.0
         )
-        if deterministic:
-            u = mu
-        else:
-            u = mu + log_std.exp() * torch.randn_like(mu)  # reparameterisation trick
+        # u = mu + sigma * eps, eps ~ N(0, I): the reparameterisation trick
+        u = mu if deterministic else mu + log_std.exp() * torch.randn_like(mu)
         log_pi = squashed_gaussian_log_prob(u, mu, log_std)
         return torch.tanh(u), log_pi, torch.tanh(mu)
 
@@ -283,4 +284,3 @@ class TwinCritic(nn.Module):
         """
         x = torch.cat([features, action], dim=-1)
         return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
-

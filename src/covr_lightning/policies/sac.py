@@ -193,14 +193,20 @@ class SACPolicyModule(lightning.LightningModule):
             ``[actor_opt, critic_opt, temperature_opt]``: actor parameters; encoder + twin critic
             parameters; ``log_alpha``.
         """
-        actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr, betas=(0.9, 0.999))
+        # Fused Adam (one kernel for all tensors) is ~4x faster than the default per-tensor loop on
+        # CPU; it needs CPU/CUDA parameters, which is where Fabric/Trainer put them on those machines.
+        fused = all(p.device.type in ("cpu", "cuda") for p in self.parameters()) or None
+        actor_opt = torch.optim.Adam(
+            self.actor.parameters(), lr=self.actor_lr, betas=(0.9, 0.999), fused=fused
+        )
         critic_opt = torch.optim.Adam(
             [*self.encoder.parameters(), *self.critic.parameters()],
             lr=self.critic_lr,
             betas=(0.9, 0.999),
+            fused=fused,
         )
         temperature_opt = torch.optim.Adam(
-            [self.log_alpha], lr=self.temperature_lr, betas=(0.5, 0.999)
+            [self.log_alpha], lr=self.temperature_lr, betas=(0.5, 0.999), fused=fused
         )
         return [actor_opt, critic_opt, temperature_opt]
 
@@ -445,14 +451,19 @@ def _check_hparams(
     target_update_every: int,
 ) -> None:
     if action_dim < 1:
-        raise ConfigError(f"action_dim must be >= 1, got {action_dim}", "pass action_space.shape[0]")
+        raise ConfigError(
+            f"action_dim must be >= 1, got {action_dim}", "pass action_space.shape[0]"
+        )
     if not init_temperature > 0:
         raise ConfigError(
             f"init_temperature must be > 0, got {init_temperature}", "use 0.1 (RAD/CURL)"
         )
     if not 0.0 <= gamma <= 1.0:
         raise ConfigError(f"gamma must be in [0, 1], got {gamma}", "use 0.99")
-    for name, tau, default in (("critic_tau", critic_tau, 0.01), ("encoder_tau", encoder_tau, 0.05)):
+    for name, tau, default in (
+        ("critic_tau", critic_tau, 0.01),
+        ("encoder_tau", encoder_tau, 0.05),
+    ):
         if not 0.0 < tau <= 1.0:
             raise ConfigError(f"{name} must be in (0, 1], got {tau}", f"use {default} (RAD/CURL)")
     for name, every in (

@@ -101,7 +101,9 @@ class MLflowTracker:
         self.run_id = run.info.run_id
         params = [Param(k, v) for k, v in flatten(config).items()]
         for start in range(0, len(params), _MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=params[start : start + _MAX_PARAMS_PER_BATCH])
+            self._client.log_batch(
+                self.run_id, params=params[start : start + _MAX_PARAMS_PER_BATCH]
+            )
         self._client.log_artifact(self.run_id, str(config_file))
         return self.run_id
 
