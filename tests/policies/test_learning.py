@@ -23,6 +23,7 @@ def test_sac_learns_point_mass_from_state(workdir):
             "env.domain=point_mass",
             "env.task=easy",
             "env.obs=state",
+            "policy.class_path=covr_lightning.policies.sac.SACPolicyModule",
             "env.action_repeat=4",
             "policy.hidden_dim=256",
             "replay.batch_size=128",

@@ -70,6 +70,19 @@ class RLLoop:
         resume: ``None`` for a fresh run, ``"last"`` or a checkpoint/run path to continue one.
     """
 
+    POSITION = (
+        "env_steps",
+        "agent_steps",
+        "episodes",
+        "updates",
+        "next_eval_at",
+        "next_checkpoint_at",
+        "next_log_at",
+        "last_episode_return",
+        "last_eval_return",
+    )
+    """Counters that place the run in time; checkpointed and restored as a group."""
+
     def __init__(self, cfg, resume: str | None = None) -> None:
         self.cfg = cfg
         self.run: RunConfig = RunConfig(**cfg.run.as_dict())
@@ -341,15 +354,7 @@ class RLLoop:
             "policy": self.module.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "loop": {
-                "env_steps": self.env_steps,
-                "agent_steps": self.agent_steps,
-                "episodes": self.episodes,
-                "updates": self.updates,
-                "next_eval_at": self.next_eval_at,
-                "next_checkpoint_at": self.next_checkpoint_at,
-                "next_log_at": self.next_log_at,
-                "last_episode_return": self.last_episode_return,
-                "last_eval_return": self.last_eval_return,
+                **{key: getattr(self, key) for key in self.POSITION},
                 "rng": self.rng.bit_generator.state,
             },
             "mlflow_run_id": self.mlflow_run_id,
@@ -397,17 +402,7 @@ class RLLoop:
             ) from err
         self.replay.load(checkpoint / ckpt.REPLAY_DIR)
         loop = state["loop"]
-        for key in (
-            "env_steps",
-            "agent_steps",
-            "episodes",
-            "updates",
-            "next_eval_at",
-            "next_checkpoint_at",
-            "next_log_at",
-            "last_episode_return",
-            "last_eval_return",
-        ):
+        for key in self.POSITION:
             setattr(self, key, loop[key])
         self.rng.bit_generator.state = loop["rng"]
         self.mlflow_run_id = state.get("mlflow_run_id")
