@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import mlflow
 import pytest
 
+import covr_lightning
 from covr_lightning.cli import main
 from covr_lightning.loop.checkpoint import STATE_FILE, latest_checkpoint
 from tests.helpers import TINY
 
 
+def _env() -> dict[str, str]:
+    """The test's environment, with this checkout's package importable from any folder."""
+    package_root = str(Path(covr_lightning.__file__).resolve().parents[1])
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]),
+    }
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "covr_lightning", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "covr_lightning", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
     )
 
 
@@ -38,7 +55,10 @@ def test_fit_trains_logs_and_checkpoints(capsys, workdir):
     assert main(["fit", "--recipe", "quickstart", *TINY, "run.total_env_steps=400"]) == 0
     run_dir = workdir / "runs" / "covr-quickstart" / "quickstart"
     assert latest_checkpoint(run_dir).name == "env_step_000000400"
-    assert (workdir / "mlflow.db").exists() is False  # the fixture points MLflow elsewhere
+    runs = mlflow.MlflowClient().search_runs(
+        [mlflow.get_experiment_by_name("covr-quickstart").experiment_id]
+    )
+    assert [r.info.status for r in runs] == ["FINISHED"]
     err = capsys.readouterr().err
     assert "eval return" in err and "done: 400 env steps" in err
 
@@ -52,7 +72,9 @@ def test_fresh_run_refuses_to_overwrite_a_run(capsys, workdir):
 
 def test_killed_run_resumes_and_reaches_the_budget(workdir):
     args = ["fit", "--recipe", "quickstart", *TINY, "run.total_env_steps=1600"]
-    proc = subprocess.Popen([sys.executable, "-m", "covr_lightning", *args], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "covr_lightning", *args], stderr=subprocess.DEVNULL, env=_env()
+    )
     run_dir = workdir / "runs" / "covr-quickstart" / "quickstart"
     deadline = time.time() + 240
     while latest_checkpoint(run_dir) is None and time.time() < deadline and proc.poll() is None:

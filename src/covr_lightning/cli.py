@@ -81,8 +81,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(dump_config(cfg), end="")
         Console().print(plan_table(cfg, run_directory(cfg)))
         return 0
-    Console(stderr=True).print(plan_table(cfg, run_directory(cfg)))
-    loop = RLLoop(cfg, resume=args.resume)
+    loop = RLLoop(cfg, resume=args.resume)  # validates the run dir and loads a checkpoint first
+    Console(stderr=True).print(plan_table(cfg, loop.run_dir))
     loop.fit()
     return 0
 

@@ -135,6 +135,8 @@ class RLLoop:
         self._updates_in_window = 0
         self.last_eval_env_step = -1
         self.last_checkpoint_env_step = -1
+        if self.resume_from is not None:
+            self.load(self.resume_from)
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -176,8 +178,6 @@ class RLLoop:
         """Train until ``run.total_env_steps``; returns the final evaluation."""
         config_file = self.run_dir / "config.yaml"
         config_file.write_text(dump_config(self.cfg))
-        if self.resume_from is not None:
-            self.load(self.resume_from)
         self.mlflow_run_id = self.tracker.start(
             run_name=self.run.name,
             config=config_to_dict(self.cfg),
