@@ -51,6 +51,11 @@ def test_dry_run_prints_config_and_plan(capsys, workdir):
     assert not (workdir / "runs").exists()
 
 
+def test_dry_run_plan_uses_the_per_task_action_repeat(capsys, workdir):
+    assert main(["fit", "--recipe", "quickstart", "--dry-run", "env.action_repeat=null"]) == 0
+    assert "(2,500 agent steps, action repeat 8)" in capsys.readouterr().out  # cartpole: 8
+
+
 def test_fit_trains_logs_and_checkpoints(capsys, workdir):
     assert main(["fit", "--recipe", "quickstart", *TINY, "run.total_env_steps=400"]) == 0
     run_dir = workdir / "runs" / "covr-quickstart" / "quickstart"

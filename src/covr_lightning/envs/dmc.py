@@ -210,6 +210,8 @@ class DMCEnv(gymnasium.Env):
     """
 
     metadata = {"render_modes": ["rgb_array"]}
+    # Lets the training plan resolve the per-task default without building an env.
+    default_action_repeat = staticmethod(default_action_repeat)
 
     def __init__(
         self,

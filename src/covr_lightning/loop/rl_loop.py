@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from lightning import Fabric
 
 from covr_lightning.config import (
@@ -34,7 +35,7 @@ from covr_lightning.config import (
 )
 from covr_lightning.errors import ConfigError, TrainingDivergedError
 from covr_lightning.loop import checkpoint as ckpt
-from covr_lightning.tracking.mlflow import MLflowTracker
+from covr_lightning.tracking.mlflow import MLflowTracker, flatten
 from covr_lightning.tracking.progress import TrainingProgress
 
 
@@ -177,6 +178,7 @@ class RLLoop:
     def fit(self) -> dict[str, float]:
         """Train until ``run.total_env_steps``; returns the final evaluation."""
         config_file = self.run_dir / "config.yaml"
+        changed = self._changed_settings(config_file) if self.resume_from is not None else []
         config_file.write_text(dump_config(self.cfg))
         self.mlflow_run_id = self.tracker.start(
             run_name=self.run.name,
@@ -188,6 +190,8 @@ class RLLoop:
         status = "FAILED"
         with TrainingProgress(self.run.total_env_steps, self.env_steps) as self.progress:
             self._announce()
+            for line in changed:
+                self.progress.log(line)
             try:
                 self.train_until(self.run.total_env_steps)
                 result = self.finish()
@@ -200,6 +204,18 @@ class RLLoop:
                 raise
             finally:
                 self.tracker.finish(status)
+
+    def _changed_settings(self, config_file: Path) -> list[str]:
+        """Lines naming the settings a resumed run changes relative to its saved config."""
+        if not config_file.is_file():
+            return []
+        before = flatten(yaml.safe_load(config_file.read_text()) or {})
+        after = flatten(config_to_dict(self.cfg))
+        return [
+            f"resumed with a changed setting: {key} {before.get(key, '(unset)')} -> {value}"
+            for key, value in after.items()
+            if before.get(key) != value
+        ]
 
     def _announce(self) -> None:
         if self.resume_from is not None:
