@@ -36,11 +36,11 @@ def render_speed(cfg, steps: int) -> tuple[float, float]:
             env.reset()
     ours = steps / (time.perf_counter() - start)
 
-    from dm_control import suite
+    from covr_lightning.envs.dmc import _quiet_load
 
     args = cfg.env.init_args
     size = args.get("image_size", 84)
-    reference = suite.load(args.domain, args.task, task_kwargs={"random": 0})
+    reference = _quiet_load(args.domain, args.task, 0)
     reference.reset()
     start = time.perf_counter()
     for _ in range(max(steps // 4, 10)):
@@ -138,10 +138,11 @@ def main() -> None:
         f"{default:8.1f} frames/s"
     )
     for device in devices:
-        print(f"updates   {update_speed(cfg, device, args.updates):8.1f} updates/s   [{device}]")
+        speed = update_speed(cfg, device, args.updates)
+        print(f"updates   {speed:8.2f} updates/s   ({1000 / speed:.0f} ms per update)   [{device}]")
     for device in devices:
         speed = training_speed(args.recipe, args.overrides, device, args.train_env_steps)
-        print(f"training  {speed:8.1f} env steps/s   [{device}]")
+        print(f"training  {speed:8.2f} env steps/s   [{device}]")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ bookkeeping of the current GL context). Both paths share the model, so they look
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -177,6 +178,22 @@ class _LargeFrameRenderer:
         self._gl.free()
 
 
+def _quiet_load(domain: str, task: str, seed: int):
+    """``suite.load`` without MuJoCo's compile-time deprecation notices.
+
+    cheetah's XML uses ``settotalmass``, which makes MuJoCo >= 3.3 warn through absl on every
+    load: dozens of identical lines per run (train env, eval env, benchmarks) that a user can do
+    nothing about.
+    """
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        return suite.load(domain, task, task_kwargs={"random": seed})
+    finally:
+        absl_logger.setLevel(level)
+
+
 class DMCEnv(gymnasium.Env):
     """A dm_control suite task behind the gymnasium API, with frame stacking and action repeat.
 
@@ -252,7 +269,7 @@ class DMCEnv(gymnasium.Env):
         self.render_mode = "rgb_array"
         self.env_steps = 0
 
-        self._env = suite.load(domain, task, task_kwargs={"random": seed})
+        self._env = _quiet_load(domain, task, seed)
         physics = self._env.physics
         if not 0 <= self.camera_id < physics.model.ncam:
             self._env.close()
