@@ -129,3 +129,33 @@ def test_corrupt_checkpoint_exits_2_and_keeps_files(workdir):
 def test_debug_shows_the_traceback(workdir):
     result = _cli("fit", "--recipe", "nope", "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_diverged_training_exits_2_and_keeps_the_last_good_checkpoint(
+    capsys, workdir, monkeypatch
+):
+    (workdir / "exploding.py").write_text(
+        "from covr_lightning.policies.sac import SACPolicyModule\n"
+        "class ExplodingSAC(SACPolicyModule):\n"
+        "    def critic_loss(self, batch):\n"
+        "        loss, metrics = super().critic_loss(batch)\n"
+        "        if self.update_step >= 20:\n"
+        "            loss = loss * float('nan')\n"
+        "            metrics['critic_loss'] = loss.detach()\n"
+        "        return loss, metrics\n"
+    )
+    monkeypatch.syspath_prepend(str(workdir))
+    args = [
+        "fit",
+        "--recipe",
+        "quickstart",
+        *TINY,
+        "run.total_env_steps=800",
+        "policy.class_path=exploding.ExplodingSAC",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "training diverged: critic_loss is nan" in err[-1] and "Fix:" in err[-1]
+    checkpoint = latest_checkpoint(workdir / "runs" / "covr-quickstart" / "quickstart")
+    assert checkpoint.name == "env_step_000000200"  # written before the NaN, left intact
+    assert (checkpoint / STATE_FILE).is_file()
