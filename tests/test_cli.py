@@ -131,9 +131,7 @@ def test_debug_shows_the_traceback(workdir):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
-def test_diverged_training_exits_2_and_keeps_the_last_good_checkpoint(
-    capsys, workdir, monkeypatch
-):
+def test_diverged_training_exits_2_and_keeps_the_last_good_checkpoint(capsys, workdir, monkeypatch):
     (workdir / "exploding.py").write_text(
         "from covr_lightning.policies.sac import SACPolicyModule\n"
         "class ExplodingSAC(SACPolicyModule):\n"

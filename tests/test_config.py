@@ -37,7 +37,7 @@ def test_dump_is_reloadable(tmp_path):
     [
         (["policy.actor_lr=fast"], r"'policy.actor_lr' expects float, got 'fast'"),
         (["run.total_env_steps=many"], r"'run.total_env_steps' expects int"),
-        (["policy.actor_lrr=1"], r"unknown recipe key 'policy.actor_lrr'"),
+        (["policy.actor_lrr=1"], r"unknown recipe key 'policy.actor_lrr'.*'policy.actor_lr'"),
         (["run.seedd=2"], r"unknown recipe key 'run.seedd'.*did you mean 'run.seed'"),
         (["polcy.actor_lr=1"], r"unknown recipe section 'polcy'.*did you mean 'policy'"),
         (["policy.class_path=nopkg.Policy"], r"cannot use class_path 'nopkg.Policy'"),

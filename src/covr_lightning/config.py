@@ -239,7 +239,8 @@ def summarise_parse_error(message: str, cfg_source: str = "the recipe") -> Confi
             f"point {key}.class_path at a subclass of {m[2]}",
         )
     if m := re.search(r"Option '([^']+)' is not accepted", message):
-        return _unknown_key(f"{keys[0]}.{m[1]}" if keys else m[1], dry)
+        owner = re.search(r"Problem with given class_path '([^']+)'", message)
+        return _unknown_key(f"{keys[0]}.{m[1]}" if keys else m[1], dry, owner[1] if owner else None)
     if m := re.search(r"Group '([^']+)' does not accept option '([^']+)'", message):
         return _unknown_key(f"{m[1]}.{m[2]}", dry)
     if m := re.search(r"unrecognized arguments: --([^=\s]+)", message):
@@ -254,20 +255,35 @@ def summarise_parse_error(message: str, cfg_source: str = "the recipe") -> Confi
     return ConfigError(f"invalid recipe ({first})", dry)
 
 
-def _unknown_key(dotted: str, dry: str) -> ConfigError:
+def _unknown_key(dotted: str, dry: str, class_path: str | None = None) -> ConfigError:
     section, _, name = dotted.rpartition(".")
-    valid = _valid_keys(section)
+    valid = _valid_keys(section, class_path)
     close = difflib.get_close_matches(name, valid, n=1)
     hint = f"did you mean '{section}.{close[0]}'? " if close else ""
     return ConfigError(f"unknown recipe key '{dotted}'", f"{hint}{dry}")
 
 
-def _valid_keys(section: str) -> list[str]:
+def _valid_keys(section: str, class_path: str | None = None) -> list[str]:
+    """Recipe keys of a section: dataclass fields, or a component's ``__init__`` parameters."""
     if section == "run":
         return list(inspect.signature(RunConfig).parameters)
     if section == "tracking":
         return list(inspect.signature(TrackingConfig).parameters)
-    return []
+    if class_path is None:
+        return []
+    try:
+        cls = import_class(class_path)
+    except ConfigError:
+        return []
+    names: list[str] = []
+    for klass in cls.__mro__:  # subclasses forward **kwargs to their parents
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for param in inspect.signature(init).parameters.values():
+            if param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                names.append(param.name)
+    return names
 
 
 # --------------------------------------------------------------------------- building
