@@ -157,3 +157,30 @@ def test_diverged_training_exits_2_and_keeps_the_last_good_checkpoint(capsys, wo
     checkpoint = latest_checkpoint(workdir / "runs" / "covr-quickstart" / "quickstart")
     assert checkpoint.name == "env_step_000000200"  # written before the NaN, left intact
     assert (checkpoint / STATE_FILE).is_file()
+
+
+def test_sigterm_writes_a_checkpoint_then_resume_finishes(workdir):
+    args = ["fit", "--recipe", "quickstart", *TINY, "run.total_env_steps=2000"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "covr_lightning", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    run_dir = workdir / "runs" / "covr-quickstart" / "quickstart"
+    deadline = time.time() + 240
+    while latest_checkpoint(run_dir) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    first = latest_checkpoint(run_dir).name
+    time.sleep(1.0)  # mid-episode, between periodic checkpoints
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: writing a checkpoint" in err
+    stopped_at = int(latest_checkpoint(run_dir).name.split("_")[-1])
+    assert stopped_at > int(first.split("_")[-1])
+
+    done = _cli(*args, "--resume", "last")
+    assert done.returncode == 0, done.stderr
+    assert f"at env step {stopped_at:,}" in done.stderr
+    assert latest_checkpoint(run_dir).name == "env_step_000002000"
