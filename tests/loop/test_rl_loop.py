@@ -11,6 +11,7 @@ from tests.helpers import TINY
 from covr_lightning.config import load_recipe
 from covr_lightning.loop.checkpoint import latest_checkpoint
 from covr_lightning.loop.rl_loop import RLLoop
+from covr_lightning.tracking.progress import TrainingProgress
 
 
 def _fit(total: int, name: str, resume=None) -> RLLoop:
@@ -53,3 +54,22 @@ def test_metrics_are_logged_against_env_steps(workdir):
     assert critic and all(math.isfinite(m.value) for m in critic)
     assert latest_checkpoint(loop.run_dir).name == "env_step_000000400"
     assert (loop.run_dir / "config.yaml").is_file()
+
+
+def test_training_in_rounds_equals_one_call(workdir):
+    """COVR calls train_until once per round; rounds ending mid-episode must not cut episodes."""
+
+    def trained(targets: list[int], name: str) -> RLLoop:
+        cfg = load_recipe("quickstart", [*TINY, "tracking.enabled=false", f"run.name={name}"])
+        loop = RLLoop(cfg)
+        with TrainingProgress(targets[-1]) as loop.progress:
+            for target in targets:
+                loop.train_until(target)
+        return loop
+
+    once = trained([400], "once")
+    rounds = trained([120, 280, 400], "rounds")  # 120 and 280 fall mid-episode (episodes: 200)
+    assert (rounds.episodes, rounds.env_steps) == (once.episodes, once.env_steps) == (2, 400)
+    for name, value in once.module.state_dict().items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            assert torch.equal(value, rounds.module.state_dict()[name]), name

@@ -58,6 +58,11 @@ class RunningMeans:
         return means
 
 
+def next_multiple(value: int, every: int) -> int:
+    """The first multiple of ``every`` strictly above ``value`` (the next cadence point)."""
+    return (value // every + 1) * every
+
+
 def run_directory(cfg) -> Path:
     """``<run.dir>/<tracking.experiment>/<run.name>``."""
     return Path(cfg.run.dir) / cfg.tracking.experiment / cfg.run.name
@@ -136,6 +141,7 @@ class RLLoop:
         self._updates_in_window = 0
         self.last_eval_env_step = -1
         self.last_checkpoint_env_step = -1
+        self._open_obs: np.ndarray | None = None  # observation of an episode still in progress
         if self.resume_from is not None:
             self.load(self.resume_from)
 
@@ -223,14 +229,16 @@ class RLLoop:
                 f"resumed from {self.resume_from} at env step {self.env_steps:,} "
                 f"({len(self.replay):,} transitions in replay)"
             )
-        device = self.fabric.device
-        self.progress.log(
-            f"run {self.run_dir}  device {device}  MLflow {self.tracker.uri if self.tracker.enabled else 'off'}"
-        )
+        tracking = self.tracker.uri if self.tracker.enabled else "off"
+        self.progress.log(f"run {self.run_dir}  device {self.fabric.device}  MLflow {tracking}")
 
     def train_until(self, env_step_target: int) -> None:
-        """Run agent steps (act, store, update) until ``env_steps >= env_step_target``."""
-        obs = self.start_episode()
+        """Run agent steps (act, store, update) until ``env_steps >= env_step_target``.
+
+        An episode still open when the target is reached stays open: the next call (the next
+        COVR round) continues it rather than cutting it short.
+        """
+        obs = self._open_obs if self._open_obs is not None else self.start_episode()
         while self.env_steps < env_step_target:
             action = self.select_action(obs)
             next_obs, reward, terminated, truncated, info = self.env.step(action)
@@ -252,8 +260,8 @@ class RLLoop:
                 self.end_episode()
                 if self.env_steps >= self.next_checkpoint_at:
                     self.save()
-                if self.env_steps < env_step_target:
-                    obs = self.start_episode()
+                obs = self.start_episode() if self.env_steps < env_step_target else None
+        self._open_obs = obs
 
     def start_episode(self) -> np.ndarray:
         """Reset the training env and open a new episode in the replay buffer."""
@@ -313,8 +321,7 @@ class RLLoop:
             metrics["perf/update_ms"] = 1000 * self._update_seconds / self._updates_in_window
         self._update_seconds, self._updates_in_window = 0.0, 0
         self.tracker.log_metrics(metrics, step=self.env_steps)
-        every = self.run.log_every_env_steps
-        self.next_log_at = (self.env_steps // every + 1) * every
+        self.next_log_at = next_multiple(self.env_steps, self.run.log_every_env_steps)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -342,9 +349,7 @@ class RLLoop:
         self.progress.evaluation(self.env_steps, mean, std)
         metrics = {"eval/return": mean, "eval/return_std": std}
         self.tracker.log_metrics(metrics, step=self.env_steps)
-        self.next_eval_at = (
-            self.env_steps // self.run.eval_every_env_steps + 1
-        ) * self.run.eval_every_env_steps
+        self.next_eval_at = next_multiple(self.env_steps, self.run.eval_every_env_steps)
         return metrics
 
     def finish(self) -> dict[str, float]:
@@ -379,9 +384,7 @@ class RLLoop:
 
     def save(self) -> Path:
         """Write a whole-state checkpoint now."""
-        self.next_checkpoint_at = (
-            self.env_steps // self.run.checkpoint_every_env_steps + 1
-        ) * self.run.checkpoint_every_env_steps
+        self.next_checkpoint_at = next_multiple(self.env_steps, self.run.checkpoint_every_env_steps)
         path = ckpt.save_checkpoint(
             self.fabric,
             self.run_dir,
