@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jsonargparse import Namespace
 from rich.table import Table
 
 from covr_lightning.config import import_class
 from covr_lightning.tracking.mlflow import resolve_tracking_uri
 
 
-def resolved_action_repeat(cfg) -> int | None:
+def resolved_action_repeat(cfg: Namespace) -> int | None:
     """The env's action repeat from the recipe, or the env class's per-task default."""
     init_args = cfg.env.init_args
     if init_args.get("action_repeat"):
@@ -22,7 +23,7 @@ def resolved_action_repeat(cfg) -> int | None:
     return None
 
 
-def plan_table(cfg, run_dir: Path) -> Table:
+def plan_table(cfg: Namespace, run_dir: Path) -> Table:
     """A two-column table: budget in env and agent steps, cadence, batch, where things go."""
     run, repeat = cfg.run, resolved_action_repeat(cfg)
     table = Table(title="training plan", show_header=False, title_justify="left")

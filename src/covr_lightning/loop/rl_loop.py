@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from jsonargparse import Namespace
 from lightning import Fabric
 
 from covr_lightning.config import (
@@ -47,11 +48,13 @@ class RunningMeans:
         self._counts: dict[str, int] = defaultdict(int)
 
     def add(self, metrics: dict[str, float]) -> None:
+        """Add one update's metrics to the window."""
         for key, value in metrics.items():
             self._sums[key] += value
             self._counts[key] += 1
 
     def pop(self) -> dict[str, float]:
+        """The window's means; empties the window."""
         means = {key: self._sums[key] / self._counts[key] for key in self._sums}
         self._sums.clear()
         self._counts.clear()
@@ -63,7 +66,7 @@ def next_multiple(value: int, every: int) -> int:
     return (value // every + 1) * every
 
 
-def run_directory(cfg) -> Path:
+def run_directory(cfg: Namespace) -> Path:
     """``<run.dir>/<tracking.experiment>/<run.name>``."""
     return Path(cfg.run.dir) / cfg.tracking.experiment / cfg.run.name
 
@@ -89,7 +92,7 @@ class RLLoop:
     )
     """Counters that place the run in time; checkpointed and restored as a group."""
 
-    def __init__(self, cfg, resume: str | None = None) -> None:
+    def __init__(self, cfg: Namespace, resume: str | None = None) -> None:
         self.cfg = cfg
         self.run: RunConfig = RunConfig(**cfg.run.as_dict())
         self.tracking = TrackingConfig(**cfg.tracking.as_dict())
@@ -273,6 +276,7 @@ class RLLoop:
         return obs
 
     def end_episode(self) -> None:
+        """Count the finished episode and log its return at the current env step."""
         self.episodes += 1
         self.last_episode_return = self.episode_return
         self.progress.episode(self.episode_return)
@@ -342,6 +346,7 @@ class RLLoop:
         return returns
 
     def evaluate_and_log(self) -> dict[str, float]:
+        """Evaluate now, log ``eval/return`` (+ std) and schedule the next evaluation."""
         returns = self.evaluate(self.run.eval_episodes)
         mean, std = float(np.mean(returns)), float(np.std(returns))
         self.last_eval_return = mean
