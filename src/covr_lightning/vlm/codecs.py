@@ -168,10 +168,6 @@ class PhraseCodec:
         ]
         return self.joiner.join(phrases)
 
-    def quantise(self, action) -> np.ndarray:
-        """The action :meth:`decode` returns for :meth:`encode`'s text of ``action``."""
-        return self.decode(self.encode(action))[0]
-
     def decode(self, text: str) -> tuple[np.ndarray, bool]:
         """Find exactly one phrase per dimension; never raises."""
         middle = ((self.low + self.high) / 2).astype(np.float32)
