@@ -1,4 +1,6 @@
-"""Overrides that shrink the quickstart recipe to seconds for end-to-end tests."""
+"""Shared test data: recipe overrides that shrink runs to seconds, and synthetic frames."""
+
+import numpy as np
 
 TINY = [
     "env.image_size=32",
@@ -14,3 +16,12 @@ TINY = [
     "run.log_every_env_steps=80",
 ]
 """Cartpole at 32x32 with 25-agent-step episodes, a tiny network and batch: about a second per 100 env steps."""
+
+
+def distinct_frames(count: int, size: int = 84) -> np.ndarray:
+    """Frames a frozen random vision tower can tell apart: a colour and a band per frame."""
+    frames = np.zeros((count, size, size, 3), np.uint8)
+    for i in range(count):
+        frames[i, :, :, i % 3] = 255
+        frames[i, : (i + 1) * size // (count + 1)] = 30 * i
+    return frames

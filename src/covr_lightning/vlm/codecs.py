@@ -62,6 +62,14 @@ class NumericCodec:
     def action_dim(self) -> int:
         return self.low.size
 
+    def describe(self) -> str:
+        """The answer format, for the prompt."""
+        low, high = self.low.min(), self.high.max()
+        return (
+            f"Answer with the action only, as {self.label}: [v1, ..., v{self.action_dim}]: "
+            f"{self.action_dim} numbers between {low:.2f} and {high:.2f}, two decimals each."
+        )
+
     def encode(self, action) -> str:
         """``"torques: [0.12, -0.80]"`` with each value clipped to its bounds, two decimals."""
         values = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), self.low, self.high)
@@ -157,6 +165,15 @@ class PhraseCodec:
 
     def _from_canonical(self, canonical: np.ndarray) -> np.ndarray:
         return self.low + (canonical + 1) / 2 * (self.high - self.low)
+
+    def describe(self) -> str:
+        """The answer format, for the prompt: every dimension's phrases."""
+        choices = "; ".join(
+            "one of " + ", ".join(f"'{level.phrase}'" for level in levels)
+            for levels in self.dimensions
+        )
+        example = self.joiner.join(levels[len(levels) // 2].phrase for levels in self.dimensions)
+        return f"Answer with one phrase per control, joined as in '{example}': {choices}."
 
     def encode(self, action) -> str:
         """Each dimension's nearest level, joined: ``"accelerate moderately and steer left"``."""
