@@ -73,15 +73,18 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from covr_lightning.config import dump_config, load_recipe
-    from covr_lightning.loop.plan import plan_table
-    from covr_lightning.loop.rl_loop import RLLoop, run_directory
+    from covr_lightning.loop.covr_loop import COVRLoop
+    from covr_lightning.loop.plan import plan_table, schedule_of
+    from covr_lightning.loop.rl_loop import run_directory
 
     cfg = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
         print(dump_config(cfg), end="")
         Console().print(plan_table(cfg, run_directory(cfg)))
+        if (rounds := schedule_of(cfg)) is not None:
+            Console().print(rounds)
         return 0
-    loop = RLLoop(cfg, resume=args.resume)  # validates the run dir and loads a checkpoint first
+    loop = COVRLoop(cfg, resume=args.resume)  # validates the run dir and loads a checkpoint first
     Console(stderr=True).print(plan_table(cfg, loop.run_dir))
     loop.fit()
     return 0

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium
 import yaml
@@ -26,14 +26,15 @@ from jsonargparse import ArgumentParser, Namespace
 
 from covr_lightning.errors import ConfigError
 
-SECTIONS = ("run", "env", "policy", "replay", "tracking")
-"""Top-level recipe sections (the VLM and COVR issues add ``vlm`` and ``covr``)."""
+SECTIONS = ("run", "env", "policy", "replay", "covr", "vlm", "sft", "tracking")
+"""Top-level recipe sections."""
 
 # Arguments the builder passes at the call site; never recipe keys.
 _CALL_SITE_ARGS = {
     "env": {"seed"},
     "policy": {"obs_shape", "action_dim"},
     "replay": {"seed"},
+    "sft": {"seed"},
 }
 
 
@@ -72,6 +73,51 @@ class RunConfig:
 
 
 @dataclass
+class COVRConfig:
+    """How the RL agent and the VLM train each other (docs/loop.md).
+
+    Args:
+        enabled: Run COVR; ``false`` runs the same loop as the plain base algorithm (no VLM is
+            loaded, no prior, no fine-tuning).
+        psi_0: Length of round 0 in env steps.
+        growth: ``factorial`` (the paper's psi_{c+1} = psi_c + psi_c * c) or ``linear``.
+        cold_start_rounds: Rounds without the lambda term at the start (DMC 4, CARLA 2).
+        guide_every: Ask the VLM every this many frames (agent steps); its answer is reused until
+            the next query.
+        sft_every: Store a D_f row (VLM-sized render + the policy's action) every this many
+            frames; rewards of every step feed the return-to-go either way. Equal to
+            ``guide_every`` by default, so one render serves both.
+        prior_weight: lambda of the actor's ``lambda * ||a_v - a_r||^2`` term (DMC 1, CARLA 2).
+        vlm_image_size: Side of the render the VLM sees (larger than the policy's frames).
+        task: Task prompt; empty takes the env's ``task_description``.
+        codec: Action codec kind (``numeric``, ``carla``, ``car_racing``); empty takes the env's.
+        max_new_tokens: Generation budget of a guide query; 0 sizes it from the codec.
+        guide_batch_size: Frames per ``generate`` call.
+        sft_epochs: Passes over the filtered D_f per fine-tune.
+        sft_max_steps: Cap on optimizer steps per fine-tune (0: no cap).
+        sft_grad_clip: Gradient-norm clip of the adapter (0: off).
+        release_vlm_memory: After each fine-tune, free the VLM optimizer and the CUDA cache.
+    """
+
+    enabled: bool = True
+    psi_0: int = 5_000
+    growth: Literal["factorial", "linear"] = "factorial"
+    cold_start_rounds: int = 4
+    guide_every: int = 10
+    sft_every: int = 10
+    prior_weight: float = 1.0
+    vlm_image_size: int = 224
+    task: str = ""
+    codec: str = ""
+    max_new_tokens: int = 0
+    guide_batch_size: int = 32
+    sft_epochs: int = 1
+    sft_max_steps: int = 0
+    sft_grad_clip: float = 1.0
+    release_vlm_memory: bool = True
+
+
+@dataclass
 class TrackingConfig:
     """Where metrics go.
 
@@ -90,7 +136,9 @@ class TrackingConfig:
 def build_parser() -> ArgumentParser:
     """The jsonargparse parser that validates a whole recipe."""
     from covr_lightning.data.replay import ReplayDataModule
+    from covr_lightning.data.sft import SFTDataModule
     from covr_lightning.policies.sac import SACPolicyModule
+    from covr_lightning.vlm.module import VLMLoRAModule
 
     parser = ArgumentParser(exit_on_error=False, default_env=False)
     parser.add_class_arguments(RunConfig, "run")
@@ -101,6 +149,9 @@ def build_parser() -> ArgumentParser:
     parser.add_subclass_arguments(
         ReplayDataModule, "replay", skip=_CALL_SITE_ARGS["replay"], required=True
     )
+    parser.add_class_arguments(COVRConfig, "covr")
+    parser.add_subclass_arguments(VLMLoRAModule, "vlm", required=False)
+    parser.add_subclass_arguments(SFTDataModule, "sft", skip=_CALL_SITE_ARGS["sft"], required=False)
     parser.add_class_arguments(TrackingConfig, "tracking")
     return parser
 

@@ -369,3 +369,21 @@ def test_errors_name_the_problem_and_a_fix():
     dm.add(np.zeros(A), 0.0, obs, True)
     with pytest.raises(ConfigError, match="no open episode"):
         dm.add(np.zeros(A), 0.0, obs, False)  # after a termination the env must be reset
+
+
+def test_transitions_by_id_survive_until_overwritten():
+    from covr_lightning.data.replay import ReplayDataModule
+
+    replay = ReplayDataModule(capacity=8, batch_size=2)
+    replay.allocate(frame_shape=(1,), frame_dtype=np.float32, frame_stack=1, action_shape=(1,))
+    replay.start_episode(np.zeros(1, np.float32))
+    ids = []
+    for t in range(12):
+        replay.add(np.array([t], np.float32), float(t), np.full(1, t + 1, np.float32), False)
+        ids.append(replay.last_transition_id)
+    assert ids == list(range(12))
+    batch, present = replay.transitions_at(np.array(ids))
+    # 13 frames written into 8 slots: transitions 0..4 lost a frame they need; 11 lacks nothing.
+    assert present.tolist() == [False] * 5 + [True] * 7
+    assert batch["action"][present].flatten().tolist() == [5, 6, 7, 8, 9, 10, 11]
+    assert batch["obs"][present].flatten().tolist() == [5, 6, 7, 8, 9, 10, 11]

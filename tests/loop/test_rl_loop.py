@@ -45,12 +45,12 @@ def test_metrics_are_logged_against_env_steps(workdir):
     assert run.info.status == "FINISHED"
     assert run.data.params["env.domain"] == "cartpole"
     episode_steps = [
-        m.step for m in client.get_metric_history(loop.mlflow_run_id, "train/episode_return")
+        m.step for m in client.get_metric_history(loop.mlflow_run_id, "rl/episode_return")
     ]
     assert episode_steps == [200, 400]
     eval_steps = [m.step for m in client.get_metric_history(loop.mlflow_run_id, "eval/return")]
     assert eval_steps[0] == 8 and eval_steps[-1] == 400  # first agent step, then the end
-    critic = client.get_metric_history(loop.mlflow_run_id, "train/critic_loss")
+    critic = client.get_metric_history(loop.mlflow_run_id, "rl/critic_loss")
     assert critic and all(math.isfinite(m.value) for m in critic)
     assert latest_checkpoint(loop.run_dir).name == "env_step_000000400"
     assert (loop.run_dir / "config.yaml").is_file()

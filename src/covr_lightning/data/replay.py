@@ -123,6 +123,7 @@ class ReplayDataModule(lightning.LightningDataModule):
         self._head = 0  # next slot to write
         self._size = 0  # filled slots (<= capacity)
         self._num_written = 0  # frames written since allocation (monotone)
+        self.last_transition_id = -1  # id of the newest transition (see transitions_at)
         self._cur = -1  # slot of the last stored observation o_t; -1 when no episode is open
         self._cur_step = 0  # step_in_episode of o_t
 
@@ -366,12 +367,30 @@ class ReplayDataModule(lightning.LightningDataModule):
             self._extras[name][i] = value
         # capacity >= stack + 1, so slot i's stack and slot i+1's stack are all recent frames.
         self._valid[i] = True
+        self.last_transition_id = self._num_written - 2  # write counter of slot i's frame
         if terminated:
             self._cur = -1
         else:
             self._cur, self._cur_step = succ, self._cur_step + 1
 
     # ------------------------------------------------------------------ reading
+    def transitions_at(
+        self, transition_ids: np.ndarray
+    ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+        """Transitions by id (:attr:`last_transition_id` after each ``add``), and which still exist.
+
+        Ids count frame writes, so slot = id % capacity; a transition is gone once its slot (or a
+        frame of its stack) has been overwritten. Gone rows come back with whatever the slot holds
+        now and ``False`` in the mask.
+
+        Returns:
+            ``(batch, present)``: a batch as from :meth:`sample` and a bool mask ``(N,)``.
+        """
+        ids = np.asarray(transition_ids, dtype=np.int64).reshape(-1)
+        slots = ids % self.capacity
+        present = (ids >= 0) & (self._num_written <= ids + self.capacity) & self._valid[slots]
+        return self._batch_at(slots), present
+
     def __len__(self) -> int:
         """Number of sampleable transitions."""
         return int(np.count_nonzero(self._valid)) if self._allocated else 0

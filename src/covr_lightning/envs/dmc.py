@@ -54,6 +54,18 @@ PAPER_ACTION_REPEAT: dict[str, int] = {
     "ball_in_cup": 4,
 }
 
+# What each domain's agent should do, in words, for the VLM's prompt (COVR's "task prompt").
+TASK_DESCRIPTIONS: dict[str, str] = {
+    "cartpole": "move the cart so that the pole swings up and stays balanced upright",
+    "cheetah": "make the planar cheetah run forward (to the right) as fast as possible",
+    "walker": "make the planar walker move forward while staying upright",
+    "finger": "use the finger to spin the hinged body as fast as possible",
+    "reacher": "move the arm so that its tip reaches the red target",
+    "ball_in_cup": "swing the ball on its string up and catch it in the cup",
+    "hopper": "make the one-legged hopper hop forward while staying upright",
+    "pendulum": "swing the pendulum up and keep it balanced upright",
+}
+
 # DrQ / RAD view quadrupeds from camera 2; every other domain from camera 0.
 _DEFAULT_CAMERA: dict[str, int] = {"quadruped": 2}
 
@@ -227,6 +239,9 @@ class DMCEnv(gymnasium.Env):
     """
 
     metadata = {"render_modes": ["rgb_array"]}
+    codec_kind = "numeric"
+    """Action codec family of the VLM (``covr_lightning.vlm.codecs.make_codec``): one number
+    per actuator."""
     # Lets the training plan resolve the per-task default without building an env.
     default_action_repeat = staticmethod(default_action_repeat)
 
@@ -411,6 +426,12 @@ class DMCEnv(gymnasium.Env):
                 self._large.close()
             self._large = _LargeFrameRenderer(physics, height, width, self.camera_id)
         return self._large.render(physics)
+
+    @property
+    def task_description(self) -> str:
+        """The task in words, for the VLM's prompt."""
+        default = f"solve the {self.domain} {self.task} task"
+        return TASK_DESCRIPTIONS.get(self.domain, default)
 
     def close(self) -> None:
         """Frees the GL contexts and the dm_control environment (idempotent)."""

@@ -48,16 +48,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(
-    fabric, run_dir: Path, env_steps: int, state: dict[str, Any], replay, keep: int = 2
+    fabric,
+    run_dir: Path,
+    env_steps: int,
+    state: dict[str, Any],
+    stores: dict[str, Any],
+    keep: int = 2,
 ) -> Path:
-    """Write ``state`` and ``replay`` as one checkpoint; keep only the newest ``keep``.
+    """Write ``state`` and the ``stores`` as one checkpoint; keep only the newest ``keep``.
 
     Args:
         fabric: The run's :class:`lightning.Fabric` (its checkpoint I/O writes ``state.pt``).
         run_dir: The run directory.
         env_steps: Env steps done; names the checkpoint.
         state: Plain-typed state (tensors, numbers, strings, lists, dicts) for ``state.pt``.
-        replay: Object with ``save(directory)`` (the replay buffer).
+        stores: ``{subfolder: object with save(directory)}`` (replay buffer, COVR's D_f).
         keep: Number of checkpoints to keep.
 
     Returns:
@@ -71,7 +76,8 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
     fabric.save(tmp / STATE_FILE, {"format_version": FORMAT_VERSION, **state})
-    replay.save(tmp / REPLAY_DIR)
+    for folder, store in stores.items():
+        store.save(tmp / folder)
     if final.exists():  # same env step written twice (e.g. interrupt right after a save)
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -53,3 +53,14 @@ def plan_table(cfg: Namespace, run_dir: Path) -> Table:
     tracking = resolve_tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else "off"
     table.add_row("MLflow", f"{tracking} (experiment {cfg.tracking.experiment})")
     return table
+
+
+def schedule_of(cfg: Namespace) -> Table | None:
+    """COVR's round table for the recipe (None when ``covr.enabled`` is false)."""
+    from covr_lightning.loop.schedule import plan_rounds, schedule_table
+
+    covr = cfg.covr
+    if not covr.enabled:
+        return None
+    rounds = plan_rounds(cfg.run.total_env_steps, covr.psi_0, covr.growth, covr.cold_start_rounds)
+    return schedule_table(rounds, resolved_action_repeat(cfg))

@@ -116,6 +116,7 @@ class RLLoop:
         self.module = self.policy.module  # the LightningModule itself, for its non-step methods
 
         self.replay = instantiate(cfg.replay, seed=self.run.seed)
+        self.declare_replay_extras()
         self.replay.allocate(
             frame_shape=tuple(self.env.frame_shape),
             frame_dtype=obs_space.dtype,
@@ -145,6 +146,7 @@ class RLLoop:
         self.last_eval_env_step = -1
         self.last_checkpoint_env_step = -1
         self._open_obs: np.ndarray | None = None  # observation of an episode still in progress
+        self.build_extras()
         if self.resume_from is not None:
             self.load(self.resume_from)
 
@@ -202,7 +204,7 @@ class RLLoop:
             for line in changed:
                 self.progress.log(line)
             try:
-                self.train_until(self.run.total_env_steps)
+                self.run_training()
                 result = self.finish()
                 status = "FINISHED"
                 return result
@@ -249,6 +251,7 @@ class RLLoop:
             self.env_steps += int(info.get("env_steps", self.action_repeat))
             self.agent_steps += 1
             self.episode_return += float(reward)
+            self.after_step(action, float(reward), next_obs, terminated, truncated)
             obs = next_obs
 
             if self.env_steps >= self.run.seed_env_steps and len(self.replay) > 0:
@@ -282,9 +285,9 @@ class RLLoop:
         self.progress.episode(self.episode_return)
         self.tracker.log_metrics(
             {
-                "train/episode_return": self.episode_return,
-                "train/episode_env_steps": self.env_steps - self.episode_start_env_step,
-                "train/episodes": self.episodes,
+                "rl/episode_return": self.episode_return,
+                "rl/episode_env_steps": self.env_steps - self.episode_start_env_step,
+                "rl/episodes": self.episodes,
             },
             step=self.env_steps,
         )
@@ -298,6 +301,32 @@ class RLLoop:
     def transition_extras(self) -> dict[str, Any]:
         """Per-transition fields stored beside each transition (the COVR loop adds the prior)."""
         return {}
+
+    # ------------------------------------------------------------------ hooks for subclasses
+
+    def declare_replay_extras(self) -> None:
+        """Declare per-transition replay fields before the buffer is allocated (none here)."""
+
+    def build_extras(self) -> None:
+        """Build what a subclass adds (VLM, D_f, schedule) before a checkpoint is loaded."""
+
+    def run_training(self) -> None:
+        """The body of :meth:`fit`: here plain RL up to the budget; COVR runs its rounds."""
+        self.train_until(self.run.total_env_steps)
+
+    def after_step(
+        self,
+        action: np.ndarray,
+        reward: float,
+        next_obs: np.ndarray,
+        terminated: bool,
+        truncated: bool,
+    ) -> None:
+        """Called after each transition is stored, before an ended episode is closed."""
+
+    def checkpoint_stores(self) -> dict[str, Any]:
+        """Objects with ``save(dir)`` / ``load(dir)`` written beside ``state.pt``, by subfolder."""
+        return {ckpt.REPLAY_DIR: self.replay}
 
     def update(self) -> dict[str, float]:
         """One gradient update of the policy on a replay batch."""
@@ -319,7 +348,7 @@ class RLLoop:
 
     def log_train_metrics(self) -> None:
         """Log the window's mean update metrics and throughput at the current env step."""
-        metrics = {f"train/{key}": value for key, value in self._means.pop().items()}
+        metrics = {f"rl/{key}": value for key, value in self._means.pop().items()}
         metrics["perf/env_steps_per_s"] = self.progress.env_steps_per_second
         if self._updates_in_window:
             metrics["perf/update_ms"] = 1000 * self._update_seconds / self._updates_in_window
@@ -395,7 +424,7 @@ class RLLoop:
             self.run_dir,
             self.env_steps,
             self.state_dict(),
-            self.replay,
+            self.checkpoint_stores(),
             keep=self.run.keep_checkpoints,
         )
         self.last_checkpoint_env_step = self.env_steps
@@ -424,7 +453,8 @@ class RLLoop:
                 f"({str(err).splitlines()[0][:160]})",
                 fix,
             ) from err
-        self.replay.load(checkpoint / ckpt.REPLAY_DIR)
+        for folder, store in self.checkpoint_stores().items():
+            store.load(checkpoint / folder)
         loop = state["loop"]
         for key in self.POSITION:
             setattr(self, key, loop[key])

@@ -419,6 +419,27 @@ class SACPolicyModule(lightning.LightningModule):
         out = action[0] if single else action
         return out.float().cpu().numpy()
 
+    @torch.no_grad()
+    def q_value(self, obs: Tensor, action: Tensor | None = None) -> Tensor:
+        """min(Q1, Q2)(s, a) from the online encoder and critic; COVR's return signals use it.
+
+        Args:
+            obs: Batch of observations ``(B, *obs_shape)``.
+            action: ``(B, A)``; ``None`` scores the actor's mean action, which makes this the
+                state value used to bootstrap the return-to-go of a segment cut by a time limit
+                or a round boundary.
+
+        Returns:
+            ``(B,)`` float32 on the module's device.
+        """
+        obs = obs.to(self.device)
+        obs = obs.float() if obs.is_floating_point() else obs
+        features = self.encoder(obs)
+        if action is None:
+            action, _, _ = self.actor(features, deterministic=True)
+        q1, q2 = self.critic(features, action.to(self.device).float())
+        return torch.min(q1, q2).reshape(-1).float()
+
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:
         """Non-tensor training state saved in ``state_dict()`` under ``_extra_state``.

@@ -84,6 +84,12 @@ class TrainingProgress:
             fields["description"] = description
         self._progress.update(self._task, completed=env_steps, **fields)
 
+    def set_description(self, description: str) -> None:
+        """Change the left-hand label (COVR: the round and phase); logged as a line too."""
+        self._progress.update(self._task, description=description)
+        if not self.live:
+            self.log(description)
+
     def episode(self, episode_return: float) -> None:
         """Show the return of the episode that just ended."""
         self._progress.update(self._task, episode_return=f"{episode_return:.1f}")

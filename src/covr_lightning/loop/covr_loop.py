@@ -1,0 +1,401 @@
+"""The COVR loop: the RL agent and the VLM take turns on the progressive schedule.
+
+For each round of :mod:`covr_lightning.loop.schedule`:
+
+1. **RL phase** (:meth:`RLLoop.train_until` with this class's hooks). The policy acts; every
+   ``guide_every`` frames the env renders the current step at ``vlm_image_size`` and, in a guided
+   round, :class:`~covr_lightning.vlm.guide.Guide` turns it into a prior a_v (+ valid flag) that is
+   stored with every transition until the next query. Once the round is guided the policy's
+   ``prior_weight`` is lambda, so its actor loss gains ``lambda * ||a_v - tanh(mu(s))||^2`` over
+   the valid rows of each batch. The same render (and the action the policy took there) becomes a
+   row of D_f (:class:`~covr_lightning.data.sft.SFTDataModule`); every step's reward feeds the
+   return-to-go.
+2. **VLM phase** (rounds followed by a fine-tune): close the open segment (bootstrapped with the
+   critic's value), build the SFT set (EDDF -> RALW -> drop zero weights), fine-tune the LoRA
+   adapter through ``VLMLoRAModule.training_step``, save the adapter as an artifact, clear D_f.
+
+Checkpoints (whole state: both modules, their optimizers, the adapter, replay, D_f, round and
+phase, the current prior, RNG) are written at episode ends as in :class:`RLLoop` and at both phase
+boundaries, so ``--resume last`` continues from any of them; a run killed during a fine-tune
+redoes that fine-tune from the checkpoint written just before it.
+
+The VLM is driven with plain torch rather than through ``fabric.setup``: it may sit on another
+device than the policy and keeps its own dtype (bf16 weights, or a 4-bit base with a device map),
+which a Fabric precision plugin would otherwise cast.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from jsonargparse import Namespace
+
+from covr_lightning.config import COVRConfig, import_class, instantiate
+from covr_lightning.errors import ConfigError, TrainingDivergedError
+from covr_lightning.loop.rl_loop import RLLoop
+from covr_lightning.loop.schedule import Round, plan_rounds, schedule_table
+
+SFT_DIR = "sft"
+PHASES = ("rl", "vlm")
+
+
+class COVRLoop(RLLoop):
+    """COVR around any :class:`~covr_lightning.policies.sac.SACPolicyModule` subclass.
+
+    Args:
+        cfg: The resolved recipe (with ``covr``, ``vlm`` and ``sft`` sections).
+        resume: ``None`` for a fresh run, ``"last"`` or a checkpoint/run path to continue one.
+    """
+
+    POSITION = (*RLLoop.POSITION, "round_index", "phase", "steps_since_query")
+
+    def __init__(self, cfg: Namespace, resume: str | None = None) -> None:
+        self.covr = COVRConfig(**cfg.covr.as_dict())
+        if self.covr.enabled and (cfg.get("vlm") is None or cfg.get("sft") is None):
+            missing = "vlm" if cfg.get("vlm") is None else "sft"
+            raise ConfigError(
+                f"covr.enabled is true but the recipe has no {missing} section",
+                f"add a {missing} section (see the dmc_cheetah recipe) or set covr.enabled=false",
+            )
+        _check_covr(self.covr)
+        self.round_index = 0
+        self.phase = "rl"
+        self.steps_since_query = 0
+        self.vlm = None
+        self.sft = None
+        self.guide = None
+        super().__init__(cfg, resume)
+
+    # ------------------------------------------------------------------ building
+
+    def declare_replay_extras(self) -> None:
+        """a_v and its validity flag beside every transition (COVR only)."""
+        if self.covr.enabled:
+            action_dim = int(self.env.action_space.shape[0])
+            self.replay.declare_extra("prior", (action_dim,), np.float32, 0.0)
+            self.replay.declare_extra("prior_mask", (), np.float32, 0.0)
+
+    def build_extras(self) -> None:
+        """Schedule, VLM, guide and D_f (only the schedule when COVR is off)."""
+        total = self.run.total_env_steps
+        if not self.covr.enabled:
+            self.rounds = [Round(0, 0, total, guided=False, fine_tune=False)]
+            return
+        self.rounds = plan_rounds(
+            total, self.covr.psi_0, self.covr.growth, self.covr.cold_start_rounds
+        )
+        from covr_lightning.vlm.codecs import make_codec
+        from covr_lightning.vlm.guide import Guide
+        from covr_lightning.vlm.prompting import ActionPrompt, encode_sft_batch
+
+        self.vlm = self._build_vlm()
+        space = self.env.action_space
+        self.codec = make_codec(
+            self.covr.codec or getattr(self.env, "codec_kind", "numeric"), space.low, space.high
+        )
+        task = self.covr.task or getattr(self.env, "task_description", "")
+        if not task:
+            raise ConfigError(
+                f"env {type(self.env).__name__} has no task_description for the VLM prompt",
+                "set covr.task to a sentence describing the task",
+            )
+        self.guide = Guide(
+            self.vlm,
+            ActionPrompt(task, self.codec.describe()),
+            self.codec,
+            max_new_tokens=self.covr.max_new_tokens or None,
+            batch_size=self.covr.guide_batch_size,
+        )
+        self.collate = partial(encode_sft_batch, self.vlm.processor, self.guide.prompt_text)
+        sft_args = self.cfg.sft.init_args.as_dict() if self.cfg.sft.get("init_args") else {}
+        sft_args.setdefault("gamma", float(getattr(self.module, "gamma", 0.99)))
+        self.sft = import_class(self.cfg.sft.class_path)(**sft_args, seed=self.run.seed)
+        action_dim = int(space.shape[0])
+        self.prior_action = np.zeros(action_dim, np.float32)  # a_v of the last query
+        self.prior_valid = False
+        self._vlm_frame: np.ndarray | None = None  # the render of this step, if any
+        self._guide_seconds = 0.0
+        self._prior_distances: list[float] = []
+        self.phase_seconds = {"rl": 0.0, "vlm": 0.0}
+
+    def _build_vlm(self):
+        vlm_cfg = self.cfg.vlm
+        init_args = vlm_cfg.init_args.as_dict() if vlm_cfg.get("init_args") else {}
+        if not init_args.get("device"):
+            init_args["device"] = str(self.fabric.device)  # beside the policy unless told
+        cls = import_class(vlm_cfg.class_path)
+        vlm = cls(**init_args)
+        vlm.eval()
+        return vlm
+
+    # ------------------------------------------------------------------ rounds
+
+    def run_training(self) -> None:
+        """Rounds of RL (+ guidance) and VLM fine-tuning up to the budget."""
+        if not self.covr.enabled:
+            super().run_training()
+            return
+        self.progress.console.print(schedule_table(self.rounds, self.action_repeat))
+        while self.round_index < len(self.rounds):
+            current = self.rounds[self.round_index]
+            if self.phase == "rl":
+                self._rl_phase(current)
+                if not current.fine_tune:
+                    self.round_index += 1
+                    continue
+                self.phase = "vlm"
+                self.save()  # between the phases: D_f full, fine-tune pending
+            self._vlm_phase(current)
+            self.phase = "rl"
+            self.round_index += 1
+            self.save()  # after the fine-tune: D_f cleared, adapter updated
+
+    def _rl_phase(self, current: Round) -> None:
+        guided = current.guided
+        self.module.prior_weight = self.covr.prior_weight if guided else 0.0
+        label = f"round {current.index} RL{' + guidance' if guided else ''}"
+        self.progress.set_description(label)
+        self.tracker.log_metrics(
+            {"schedule/round": current.index, "schedule/guided": float(guided)},
+            step=self.env_steps,
+        )
+        start = time.perf_counter()
+        self.train_until(current.end)
+        elapsed = time.perf_counter() - start
+        self.phase_seconds["rl"] += elapsed
+        self.tracker.log_metrics({"time/rl_phase_s": elapsed}, step=self.env_steps)
+
+    def _vlm_phase(self, current: Round) -> None:
+        self.progress.set_description(f"round {current.index} VLM fine-tune")
+        start = time.perf_counter()
+        if self.sft.open_segment_length > 0:  # the episode goes on in the next round
+            self.sft.end_segment(bootstrap=self._state_value(self._open_obs), truncated=True)
+        metrics = self.sft.build(
+            entropy=self.module.policy_entropy,
+            encode_target=self.codec.encode,
+            collate=self.collate,
+            q_values=self._q_values_of_rows() if self.sft.return_signal == "q_value" else None,
+        )
+        if self.sft.num_examples > 0:
+            metrics.update(self.fine_tune())
+            folder = self.vlm.save_adapter(self.run_dir / "adapters" / f"round_{current.index}")
+            self.tracker.log_artifact(folder, artifact_path=f"adapters/round_{current.index}")
+        else:
+            self.progress.log(f"round {current.index}: EDDF kept no row; no fine-tune this round")
+        self.sft.clear()
+        elapsed = time.perf_counter() - start
+        self.phase_seconds["vlm"] += elapsed
+        metrics["time/vlm_phase_s"] = elapsed
+        self.tracker.log_metrics(metrics, step=self.env_steps)
+        self.progress.log(
+            f"round {current.index} fine-tune: {int(metrics['sft/rows_out'])} of "
+            f"{int(metrics['sft/rows_in'])} rows, loss {metrics.get('vlm/sft_loss', math.nan):.3f}, "
+            f"{elapsed:.1f} s"
+        )
+
+    def fine_tune(self) -> dict[str, float]:
+        """LoRA-fine-tune the VLM on the built SFT set; mean metrics of the round."""
+        vlm, covr = self.vlm, self.covr
+        device = next(p for p in vlm.model.parameters() if p.requires_grad).device
+        optimizer = vlm.configure_optimizers()
+        trainable = [p for group in optimizer.param_groups for p in group["params"]]
+        vlm.train()
+        sums: dict[str, float] = {}
+        steps = 0
+        try:
+            for _ in range(covr.sft_epochs):
+                for batch in self.sft.train_dataloader():
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    loss = vlm.training_step(batch, steps)
+                    if not torch.isfinite(loss):
+                        raise TrainingDivergedError(
+                            f"VLM fine-tuning diverged: vlm/sft_loss is {loss.item()} at env step "
+                            f"{self.env_steps:,}",
+                            "lower vlm.lr, or continue from the last checkpoint with --resume last",
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if covr.sft_grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(trainable, covr.sft_grad_clip)
+                    optimizer.step()
+                    for key, value in vlm.last_metrics.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    steps += 1
+                    if covr.sft_max_steps and steps >= covr.sft_max_steps:
+                        break
+                if covr.sft_max_steps and steps >= covr.sft_max_steps:
+                    break
+        finally:
+            vlm.eval()
+            if covr.release_vlm_memory:
+                del optimizer
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        metrics = {key: value / max(steps, 1) for key, value in sums.items()}
+        metrics["vlm/sft_steps"] = steps
+        return metrics
+
+    # ------------------------------------------------------------------ per step
+
+    def select_action(self, obs: np.ndarray) -> np.ndarray:
+        """Render for the VLM on schedule (guide query and/or D_f row), then act as the base does."""
+        self._vlm_frame = None
+        query = False
+        if self.covr.enabled:
+            step = self.steps_since_query
+            query = step % self.covr.guide_every == 0
+            if query or step % self.covr.sft_every == 0:
+                size = self.covr.vlm_image_size
+                self._vlm_frame = self.env.render(size, size)
+            if query and self.module.prior_weight > 0:  # guided round: ask the VLM
+                start = time.perf_counter()
+                actions, valid = self.guide.propose(self._vlm_frame[None])
+                self._guide_seconds += time.perf_counter() - start
+                self.prior_action, self.prior_valid = actions[0], bool(valid[0])
+        action = super().select_action(obs)
+        if query and self.module.prior_weight > 0 and self.prior_valid:
+            self._prior_distances.append(float(np.linalg.norm(self.prior_action - action)))
+        self.steps_since_query += 1
+        return action
+
+    def transition_extras(self) -> dict[str, Any]:
+        """The current prior and its mask (invalid, or not yet guided: mask 0)."""
+        if not self.covr.enabled:
+            return {}
+        guided = self.module.prior_weight > 0 and self.prior_valid
+        return {"prior": self.prior_action, "prior_mask": np.float32(guided)}
+
+    def after_step(self, action, reward, next_obs, terminated, truncated) -> None:
+        """Feed D_f: every reward, a row where the VLM-sized frame was rendered."""
+        if not self.covr.enabled:
+            return
+        if self._vlm_frame is not None and self._is_row_step():
+            self.sft.record_step(
+                reward,
+                frame=self._vlm_frame,
+                action=np.asarray(action, np.float32),
+                replay_index=int(self.replay.last_transition_id),
+                entropy=self.module.policy_entropy,
+            )
+        else:
+            self.sft.record_step(reward)
+        if terminated:
+            self.sft.end_segment(bootstrap=0.0)
+        elif truncated:
+            self.sft.end_segment(bootstrap=self._state_value(next_obs), truncated=True)
+
+    def _is_row_step(self) -> bool:
+        """Whether the step just taken stores a D_f row (``steps_since_query`` already moved on)."""
+        return (self.steps_since_query - 1) % self.covr.sft_every == 0
+
+    def start_episode(self) -> np.ndarray:
+        """New episode: the next frame is a query frame."""
+        self.steps_since_query = 0
+        return super().start_episode()
+
+    def log_train_metrics(self) -> None:
+        """Base metrics plus the guide's invalid rate, prior distance and time per query."""
+        if self.covr.enabled and self.guide is not None:
+            metrics: dict[str, float] = {}
+            queries = self.guide.queries
+            rate = self.guide.pop_invalid_rate()
+            if rate is not None:
+                metrics["guide/invalid_rate"] = rate
+                metrics["guide/query_ms"] = 1000 * self._guide_seconds / queries
+            if self._prior_distances:
+                metrics["guide/prior_distance"] = float(np.mean(self._prior_distances))
+            self._guide_seconds, self._prior_distances = 0.0, []
+            if metrics:
+                self.tracker.log_metrics(metrics, step=self.env_steps)
+        super().log_train_metrics()
+
+    # ------------------------------------------------------------------ critic values
+
+    def _state_value(self, obs: np.ndarray | None) -> float:
+        """Critic value of ``obs`` (bootstrap of a cut segment); 0 before any update."""
+        if obs is None or self.updates == 0:
+            return 0.0
+        value = self.module.q_value(torch.as_tensor(np.ascontiguousarray(obs))[None])
+        return float(value.item())
+
+    def _q_values_of_rows(self) -> np.ndarray:
+        """Q(s_t, a_t) of each D_f row from the critic now; NaN where replay lost the row."""
+        ids = self.sft.replay_indices
+        out = np.full(len(ids), np.nan)
+        for start in range(0, len(ids), 256):
+            chunk = ids[start : start + 256]
+            batch, present = self.replay.transitions_at(chunk)
+            q = self.module.q_value(batch["obs"], batch["action"]).cpu().numpy()
+            out[start : start + len(chunk)] = np.where(present, q, np.nan)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_stores(self) -> dict[str, Any]:
+        """Replay and, with COVR, D_f."""
+        stores = super().checkpoint_stores()
+        if self.covr.enabled:
+            stores[SFT_DIR] = self.sft
+        return stores
+
+    def state_dict(self) -> dict[str, Any]:
+        """Base state plus the adapter and the current prior."""
+        state = super().state_dict()
+        if self.covr.enabled:
+            state["covr"] = {
+                "adapter": self.vlm.adapter_state_dict(),
+                "prior_action": self.prior_action.copy(),
+                "prior_valid": self.prior_valid,
+                "phase_seconds": dict(self.phase_seconds),
+            }
+        return state
+
+    def load(self, checkpoint) -> None:
+        """Restore the base state, then the adapter and the prior."""
+        super().load(checkpoint)
+        if not self.covr.enabled:
+            return
+        from covr_lightning.loop import checkpoint as ckpt
+
+        state = ckpt.load_checkpoint(self.fabric, checkpoint).get("covr")
+        if state is None:
+            raise ConfigError(
+                f"checkpoint {checkpoint} was written with covr.enabled=false",
+                "resume with the recipe and overrides the run started with",
+            )
+        try:
+            self.vlm.load_adapter_state_dict(state["adapter"])
+        except ValueError as err:
+            raise ConfigError(
+                f"checkpoint {checkpoint}: {err}",
+                "resume with the vlm settings the run started with",
+            ) from err
+        self.prior_action = np.asarray(state["prior_action"], np.float32)
+        self.prior_valid = bool(state["prior_valid"])
+        self.phase_seconds = dict(state["phase_seconds"])
+
+
+def _check_covr(covr: COVRConfig) -> None:
+    checks = [
+        (covr.psi_0 > 0, f"covr.psi_0 must be > 0, got {covr.psi_0}"),
+        (covr.guide_every >= 1, f"covr.guide_every must be >= 1, got {covr.guide_every}"),
+        (covr.sft_every >= 1, f"covr.sft_every must be >= 1, got {covr.sft_every}"),
+        (covr.prior_weight >= 0, f"covr.prior_weight must be >= 0, got {covr.prior_weight}"),
+        (covr.cold_start_rounds >= 0, "covr.cold_start_rounds must be >= 0"),
+        (
+            covr.vlm_image_size >= 28,
+            f"covr.vlm_image_size must be >= 28, got {covr.vlm_image_size}",
+        ),
+        (covr.sft_epochs >= 1, f"covr.sft_epochs must be >= 1, got {covr.sft_epochs}"),
+    ]
+    for ok, problem in checks:
+        if not ok:
+            raise ConfigError(problem, "fix the value in the recipe")
+
+
+__all__ = ["PHASES", "COVRLoop", "instantiate"]
