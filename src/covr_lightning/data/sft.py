@@ -123,7 +123,8 @@ class SFTDataModule(lightning.LightningDataModule):
 
     Args:
         batch_size: Examples per SFT batch.
-        gamma: Discount of the return-to-go, in [0, 1].
+        gamma: Discount of the return-to-go, in [0, 1]; None (the recipe default) takes the
+            policy's gamma when the COVR loop builds this module, else 0.99.
         return_signal: g used by EDDF and RALW: ``return_to_go``, ``immediate_reward`` or
             ``q_value``.
         eddf_mode: ``dynamic`` (EDDF), or the ablations ``random``, ``top_k``, ``no_zscore``.
@@ -142,7 +143,7 @@ class SFTDataModule(lightning.LightningDataModule):
         self,
         *,
         batch_size: int = 8,
-        gamma: float = 0.99,
+        gamma: float | None = None,
         return_signal: ReturnSignal = "return_to_go",
         eddf_mode: EDDFMode = "dynamic",
         eddf_sign: EntropySign = "intent",
@@ -156,6 +157,7 @@ class SFTDataModule(lightning.LightningDataModule):
         _require_int(batch_size, "batch_size", 1)
         _require_int(max_rows, "max_rows", 1)
         _require_int(seed, "seed", 0)
+        gamma = 0.99 if gamma is None else gamma
         _require_in_unit_interval(gamma, "gamma")
         _require_in_unit_interval(eddf_quantile, "eddf_quantile")
         if not (_is_real(eddf_temperature) and 0 < eddf_temperature < math.inf):

@@ -113,7 +113,8 @@ class COVRLoop(RLLoop):
         )
         self.collate = partial(encode_sft_batch, self.vlm.processor, self.guide.prompt_text)
         sft_args = self.cfg.sft.init_args.as_dict() if self.cfg.sft.get("init_args") else {}
-        sft_args.setdefault("gamma", float(getattr(self.module, "gamma", 0.99)))
+        if sft_args.get("gamma") is None:  # the return-to-go discounts like the critic
+            sft_args["gamma"] = float(getattr(self.module, "gamma", 0.99))
         self.sft = import_class(self.cfg.sft.class_path)(**sft_args, seed=self.run.seed)
         action_dim = int(space.shape[0])
         self.prior_action = np.zeros(action_dim, np.float32)  # a_v of the last query
@@ -141,6 +142,14 @@ class COVRLoop(RLLoop):
             super().run_training()
             return
         self.progress.console.print(schedule_table(self.rounds, self.action_repeat))
+        vlm = self.vlm
+        self.progress.log(
+            f"VLM {vlm.hparams.backbone}{' (tiny, untrained)' if vlm.is_tiny else ''}: LoRA "
+            f"r={vlm.hparams.lora_rank} alpha={vlm.hparams.lora_alpha:g}, trainable "
+            f"{vlm.trainable_parameters:,} of {vlm.total_parameters:,} parameters "
+            f"({100 * vlm.trainable_share:.2f} %)"
+        )
+        self.tracker.log_metrics({"vlm/trainable_share": vlm.trainable_share}, step=self.env_steps)
         while self.round_index < len(self.rounds):
             current = self.rounds[self.round_index]
             if self.phase == "rl":
@@ -154,6 +163,8 @@ class COVRLoop(RLLoop):
             self.phase = "rl"
             self.round_index += 1
             self.save()  # after the fine-tune: D_f cleared, adapter updated
+        # The last round's final checkpoint may predate the round counter moving past it.
+        self.last_checkpoint_env_step = -1
 
     def _rl_phase(self, current: Round) -> None:
         guided = current.guided
@@ -349,35 +360,32 @@ class COVRLoop(RLLoop):
         if self.covr.enabled:
             state["covr"] = {
                 "adapter": self.vlm.adapter_state_dict(),
-                "prior_action": self.prior_action.copy(),
+                "prior_action": torch.from_numpy(self.prior_action.copy()),
                 "prior_valid": self.prior_valid,
                 "phase_seconds": dict(self.phase_seconds),
             }
         return state
 
-    def load(self, checkpoint) -> None:
-        """Restore the base state, then the adapter and the prior."""
-        super().load(checkpoint)
+    def load_extra_state(self, state: dict[str, Any], checkpoint) -> None:
+        """The adapter and the prior."""
         if not self.covr.enabled:
             return
-        from covr_lightning.loop import checkpoint as ckpt
-
-        state = ckpt.load_checkpoint(self.fabric, checkpoint).get("covr")
-        if state is None:
+        covr_state = state.get("covr")
+        if covr_state is None:
             raise ConfigError(
                 f"checkpoint {checkpoint} was written with covr.enabled=false",
                 "resume with the recipe and overrides the run started with",
             )
         try:
-            self.vlm.load_adapter_state_dict(state["adapter"])
+            self.vlm.load_adapter_state_dict(covr_state["adapter"])
         except ValueError as err:
             raise ConfigError(
                 f"checkpoint {checkpoint}: {err}",
                 "resume with the vlm settings the run started with",
             ) from err
-        self.prior_action = np.asarray(state["prior_action"], np.float32)
-        self.prior_valid = bool(state["prior_valid"])
-        self.phase_seconds = dict(state["phase_seconds"])
+        self.prior_action = covr_state["prior_action"].numpy().astype(np.float32)
+        self.prior_valid = bool(covr_state["prior_valid"])
+        self.phase_seconds = dict(covr_state["phase_seconds"])
 
 
 def _check_covr(covr: COVRConfig) -> None:

@@ -460,4 +460,8 @@ class RLLoop:
             setattr(self, key, loop[key])
         self.rng.bit_generator.state = loop["rng"]
         self.mlflow_run_id = state.get("mlflow_run_id")
+        self.load_extra_state(state, checkpoint)
         ckpt.restore_rng_state(state["rng"])
+
+    def load_extra_state(self, state: dict[str, Any], checkpoint: Path) -> None:
+        """Restore what a subclass added to :meth:`state_dict` (nothing here)."""

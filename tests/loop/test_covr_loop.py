@@ -1,0 +1,209 @@
+"""The COVR loop end to end on CPU: rounds, fine-tunes, guidance, metrics, resume, and the off switch."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from tests.helpers import TINY
+
+import covr_lightning
+from covr_lightning.config import load_recipe
+from covr_lightning.errors import ConfigError
+from covr_lightning.loop.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint
+from covr_lightning.loop.covr_loop import COVRLoop
+from covr_lightning.loop.rl_loop import RLLoop
+from covr_lightning.tracking.progress import TrainingProgress
+
+# 1200 env steps of cartpole (25-agent-step episodes); rounds end at 200, 400, 800 and 1200:
+# three fine-tunes, guidance from round 2 on. top_k 0.5 keeps half of D_f whatever the entropy.
+COVR_TINY = [
+    *TINY,
+    "run.total_env_steps=1200",
+    "covr.psi_0=200",
+    "covr.cold_start_rounds=2",
+    "covr.sft_every=1",
+    "covr.vlm_image_size=56",
+    "vlm.init_args.lora_rank=4",
+    "vlm.init_args.lora_alpha=8",
+    "sft.init_args.batch_size=8",
+    "sft.init_args.eddf_mode=top_k",
+    "sft.init_args.eddf_quantile=0.5",
+]
+
+
+def _loop(overrides: list[str], name: str, resume=None, loop_class=COVRLoop):
+    cfg = load_recipe("quickstart", [*overrides, f"run.name={name}"])
+    return loop_class(cfg, resume=resume)
+
+
+def _metric(client, run_id: str, key: str) -> list:
+    return client.get_metric_history(run_id, key)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One tiny COVR run, shared by the assertions below (about 20 s)."""
+    folder = tmp_path_factory.mktemp("covr-run")
+    previous = os.getcwd()
+    os.chdir(folder)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    loop = _loop(COVR_TINY, "e2e")
+    loop.fit()
+    loop.run_dir = folder / loop.run_dir  # the tests below run from other folders
+    os.chdir(previous)
+    yield loop, mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def test_runs_every_round_and_fine_tune(finished):
+    loop, _ = finished
+    assert [(r.start, r.end, r.guided, r.fine_tune) for r in loop.rounds] == [
+        (0, 200, False, True),
+        (200, 400, False, True),
+        (400, 800, True, True),
+        (800, 1200, True, False),
+    ]
+    assert loop.round_index == 4 and loop.phase == "rl"
+    assert loop.env_steps == 1200
+    assert sorted(p.name for p in (loop.run_dir / "adapters").iterdir()) == [
+        "round_0", "round_1", "round_2"
+    ]  # fmt: skip
+    # D_f was cleared after round 2's fine-tune; the last round refilled it (no fine-tune after).
+    assert len(loop.sft) == 50
+
+
+def test_mlflow_run_holds_the_covr_metrics(finished):
+    loop, client = finished
+    run = client.get_run(loop.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    keys = set(run.data.metrics)
+    for key in [
+        "rl/critic_loss", "rl/actor_loss", "rl/prior_penalty", "eval/return",
+        "vlm/sft_loss", "vlm/token_accuracy", "eddf/tau", "eddf/kept_fraction",
+        "ralw/mean_weight", "sft/rows_in", "sft/rows_out", "guide/invalid_rate",
+        "schedule/round", "time/rl_phase_s", "time/vlm_phase_s",
+    ]:  # fmt: skip
+        assert key in keys, key
+    rounds = [(m.step, m.value) for m in _metric(client, loop.mlflow_run_id, "schedule/round")]
+    assert [value for _, value in rounds] == [0, 1, 2, 3]
+    sft_steps = [m.step for m in _metric(client, loop.mlflow_run_id, "vlm/sft_loss")]
+    assert len(sft_steps) == 3 and all(math.isfinite(m.value) for m in
+                                       _metric(client, loop.mlflow_run_id, "vlm/sft_loss"))  # fmt: skip
+    # The prior term is logged only once guidance is on (round 2 starts at env step 400).
+    penalty_steps = [m.step for m in _metric(client, loop.mlflow_run_id, "rl/prior_penalty")]
+    assert penalty_steps and min(penalty_steps) > 400
+    artifacts = [a.path for a in client.list_artifacts(loop.mlflow_run_id, "adapters")]
+    assert artifacts == ["adapters/round_0", "adapters/round_1", "adapters/round_2"]
+
+
+def test_priors_are_stored_only_in_guided_rounds(finished):
+    loop, _ = finished
+    batch, present = loop.replay.transitions_at(np.arange(loop.replay.last_transition_id + 1))
+    mask = batch["prior_mask"].numpy()[present]
+    # Replay holds all 150 transitions; the first 50 (rounds 0-1, 400 env steps) are unguided.
+    assert present.sum() == 150
+    assert mask[:50].sum() == 0
+    prior = batch["prior"].numpy()[present]
+    assert np.all(np.abs(prior) <= 1.0)
+
+
+def test_checkpoint_holds_adapter_d_f_and_position(finished):
+    loop, _ = finished
+    state = load_checkpoint(loop.fabric, latest_checkpoint(loop.run_dir))
+    assert state["loop"]["round_index"] == 4 and state["loop"]["phase"] == "rl"
+    adapter = state["covr"]["adapter"]
+    assert adapter and all("lora_" in k for k in adapter)
+    assert (latest_checkpoint(loop.run_dir) / "sft" / "meta.json").is_file()
+
+
+def test_resume_between_the_phases_finishes_like_one_run(workdir):
+    # Stop right after the RL phase of round 1 (its checkpoint has phase "vlm", D_f full).
+    no_mlflow = [*COVR_TINY, "tracking.enabled=false"]
+    first = _loop(no_mlflow, "between")
+
+    with TrainingProgress(1200) as first.progress:
+        first._rl_phase(first.rounds[0])
+        first.phase = "vlm"
+        first.save()
+    rows = len(first.sft)
+    assert rows > 0
+
+    resumed = _loop(no_mlflow, "between", resume="last")
+    assert resumed.phase == "vlm" and resumed.round_index == 0 and len(resumed.sft) == rows
+    resumed.fit()
+    assert resumed.env_steps == 1200 and resumed.round_index == 4
+    assert sorted(p.name for p in (resumed.run_dir / "adapters").iterdir()) == [
+        "round_0", "round_1", "round_2"
+    ]  # fmt: skip
+
+
+def test_disabled_covr_is_the_base_algorithm(workdir):
+    overrides = [*TINY, "run.total_env_steps=400", "covr.enabled=false"]
+    covr_off = _loop(overrides, "off")
+    covr_off.fit()
+    base = _loop(overrides, "base", loop_class=RLLoop)
+    base.fit()
+    assert covr_off.vlm is None and "prior" not in covr_off.replay.extras
+    assert covr_off.updates == base.updates > 0
+    for name, value in base.module.state_dict().items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            assert torch.equal(value, covr_off.module.state_dict()[name]), name
+
+
+def test_missing_vlm_section_is_a_config_error(workdir, tmp_path):
+    recipe = Path(covr_lightning.__file__).parent / "recipes" / "quickstart.yaml"
+    text = recipe.read_text()
+    trimmed = text[: text.index("vlm:")] + text[text.index("sft:") :]
+    path = tmp_path / "novlm.yaml"
+    path.write_text(trimmed)
+    with pytest.raises(ConfigError, match="no vlm section"):
+        COVRLoop(load_recipe(str(path)))
+
+
+def _env() -> dict[str, str]:
+    package_root = str(Path(covr_lightning.__file__).resolve().parents[1])
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+@pytest.mark.slow
+def test_killed_mid_round_resumes_to_the_same_budget_and_rounds(workdir):
+    args = ["fit", "--recipe", "quickstart", *COVR_TINY, "run.name=killed"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "covr_lightning", *args], stderr=subprocess.DEVNULL, env=_env()
+    )
+    run_dir = workdir / "runs" / "covr-quickstart" / "killed"
+    deadline = time.time() + 240
+    # Kill once the first fine-tune is done and the guided rounds are under way.
+    while time.time() < deadline and proc.poll() is None:
+        found = latest_checkpoint(run_dir)
+        if found is not None and int(found.name.split("_")[-1]) >= 600:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = latest_checkpoint(run_dir)
+    assert 0 < int(killed.name.split("_")[-1]) < 1200
+    assert (killed / STATE_FILE).is_file()
+
+    done = subprocess.run(
+        [sys.executable, "-m", "covr_lightning", *args, "--resume", "last"],
+        capture_output=True, text=True, timeout=300, env=_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    final = latest_checkpoint(run_dir)
+    assert final.name == "env_step_000001200"
+    state = torch.load(final / STATE_FILE, weights_only=False)
+    assert state["loop"]["round_index"] == 4 and state["loop"]["env_steps"] == 1200
