@@ -346,3 +346,29 @@ def test_state_observations_work_end_to_end():
 def test_bad_hyperparameters_raise_config_error(kwargs):
     with pytest.raises(ConfigError):
         SACPolicyModule(OBS_SHAPE, ACTION_DIM, hidden_dim=8, num_filters=4, **kwargs)
+
+
+def test_prior_term_pulls_the_mean_action_towards_a_v_on_valid_rows_only():
+    m = make_module(actor_lr=1e-2)
+    batch = make_batch(prior=True)
+    target = torch.full((B, ACTION_DIM), 0.7)
+    target[1::2] = -0.7  # invalid rows point the other way: they must not matter
+    prior = VLMPrior(target, batch["prior_mask"], 50.0)
+    optimizer = torch.optim.Adam(m.actor.parameters(), lr=1e-2)
+
+    def mean_action():
+        with torch.no_grad():
+            return m.actor(m.encoder(batch["obs"]), deterministic=True)[0]
+
+    before = mean_action()
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss, _ = m.actor_loss(batch, prior)
+        loss.backward()
+        optimizer.step()
+    after = mean_action()
+    valid = batch["prior_mask"]
+    distance = lambda a: (a[valid] - 0.7).abs().mean()  # noqa: E731
+    assert distance(after) < 0.5 * distance(before)
+    # With 50x weight the valid rows dominate; every valid row moved up, towards +0.7.
+    assert (after[valid] > before[valid]).float().mean() > 0.9
