@@ -46,8 +46,9 @@ def test_recipes_lists_packaged_recipes(capsys):
 def test_dry_run_prints_config_and_plan(capsys, workdir):
     assert main(["fit", "--recipe", "dmc_cheetah", "--dry-run", "run.seed=5"]) == 0
     out = capsys.readouterr().out
-    assert "seed: 5" in out and "class_path: covr_lightning.policies.sac.SACPolicyModule" in out
+    assert "seed: 5" in out and "class_path: covr_lightning.policies.rad.RADModule" in out
     assert "100,000 env steps (25,000 agent steps, action repeat 4)" in out
+    assert "COVR rounds" in out and "50,000 - 100,000" in out  # the schedule table
     assert not (workdir / "runs").exists()
 
 
