@@ -200,22 +200,59 @@ def test_training_step_under_trainer():
 class _CountingAugment(SACPolicyModule):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.augment_calls = 0
+        self.augment_inputs = []
 
     def augment(self, obs):
-        self.augment_calls += 1
+        self.augment_inputs.append(obs.clone())
         return obs
 
 
-def test_augment_runs_once_for_obs_and_once_for_next_obs_per_step():
+def test_augment_runs_once_per_step_on_obs_and_next_obs_stacked_on_channels():
     torch.manual_seed(0)
     m = _CountingAugment(OBS_SHAPE, ACTION_DIM, feature_dim=16, num_filters=8, hidden_dim=32)
     batch = make_batch()
-    m.training_step(batch)  # actor step: still only two calls, the batch is reused
-    assert m.augment_calls == 2
+    m.training_step(batch)  # actor step: still one call, the batch is reused
+    assert len(m.augment_inputs) == 1
+    seen = m.augment_inputs[0]
+    assert seen.shape == (B, 2 * OBS_SHAPE[0], *OBS_SHAPE[1:])
+    assert torch.equal(seen, torch.cat([batch["obs"], batch["next_obs"]], dim=1))
     m.training_step(batch)
-    assert m.augment_calls == 4
+    assert len(m.augment_inputs) == 2
     assert batch["obs"].dtype == torch.uint8 and set(batch) == set(make_batch())  # not mutated
+
+
+class _HalfSize(SACPolicyModule):
+    """Networks see every other pixel: the observation_transform seam resizes what they get."""
+
+    def augment(self, obs):
+        return obs[..., ::2, ::2]
+
+    def observation_transform(self, obs):
+        return obs[..., ::2, ::2]
+
+
+def test_networks_are_built_for_the_observation_transform_and_act_applies_it():
+    torch.manual_seed(0)
+    m = _HalfSize(OBS_SHAPE, ACTION_DIM, feature_dim=16, num_filters=8, hidden_dim=32)
+    assert m.obs_shape == OBS_SHAPE
+    assert m.network_obs_shape == (OBS_SHAPE[0], OBS_SHAPE[1] // 2, OBS_SHAPE[2] // 2)
+    assert m.encoder.obs_shape == m.network_obs_shape
+    batch = make_batch()
+    assert np.isfinite(list(m.training_step(batch).values())).all()
+    assert m.act(batch["obs"][0].numpy()).shape == (ACTION_DIM,)  # raw env size in
+    assert m.q_value(batch["obs"], batch["action"]).shape == (B,)
+    assert make_module().network_obs_shape == OBS_SHAPE  # identity for plain SAC
+
+
+class _WrongAugment(SACPolicyModule):
+    def augment(self, obs):
+        return obs[..., 1:, 1:]
+
+
+def test_augment_that_changes_the_size_alone_is_a_clear_error():
+    m = _WrongAugment(OBS_SHAPE, ACTION_DIM, feature_dim=16, num_filters=8, hidden_dim=32)
+    with pytest.raises(ConfigError, match="observation_transform"):
+        m.training_step(make_batch())
 
 
 def test_prior_is_used_only_when_weighted_and_present():

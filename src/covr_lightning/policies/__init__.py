@@ -1,7 +1,13 @@
-"""SAC policies (RAD/CURL pixel SAC): networks, losses as plain functions, the LightningModule."""
+"""Policies: pixel SAC (RAD/CURL) and the bases COVR is applied to, by subclassing at its seams.
+
+:class:`SACPolicyModule` composes the networks and the SAC losses; :class:`RADModule` overrides its
+observation seams (augmentation, acting transform); :class:`DeepMDPModule` adds latent transition and
+reward losses to its critic loss. ``docs/subclassing.md`` shows how to write another one.
+"""
 
 from __future__ import annotations
 
+from covr_lightning.policies.deepmdp import DeepMDPModule
 from covr_lightning.policies.networks import (
     Actor,
     PixelEncoder,
@@ -9,11 +15,14 @@ from covr_lightning.policies.networks import (
     TwinCritic,
     make_encoder,
 )
+from covr_lightning.policies.rad import RADModule
 from covr_lightning.policies.sac import SACPolicyModule, VLMPrior
 
 __all__ = [
     "Actor",
+    "DeepMDPModule",
     "PixelEncoder",
+    "RADModule",
     "SACPolicyModule",
     "StateEncoder",
     "TwinCritic",

@@ -17,8 +17,14 @@ One :meth:`SACPolicyModule.training_step` is one SAC update, in CURL's order:
 3. **Targets** (every ``target_update_every`` steps): EMA of the encoder (``encoder_tau``) and of
    the Q heads (``critic_tau``), from the freshly updated online weights.
 
-Augmentation (:meth:`SACPolicyModule.augment`, identity here, RAD overrides it) is applied to obs
-and next_obs once per step; the augmented batch feeds both the critic and the actor.
+Two observation seams, both identity here (RAD overrides them):
+
+* :meth:`SACPolicyModule.augment` runs once per update on obs and next_obs *stacked on the channel
+  axis*, so a per-sample random draw (a crop offset) is shared by the two observations of a
+  transition; the augmented batch feeds both the critic and the actor.
+* :meth:`SACPolicyModule.observation_transform` is its deterministic counterpart for raw env
+  observations in :meth:`~SACPolicyModule.act` and :meth:`~SACPolicyModule.q_value` (RAD: a
+  centre crop). The networks are built for its output shape, ``network_obs_shape``.
 """
 
 from __future__ import annotations
@@ -143,6 +149,8 @@ class SACPolicyModule(lightning.LightningModule):
         self.automatic_optimization = False
 
         self.obs_shape = tuple(int(s) for s in obs_shape)
+        # What the networks see: obs_shape after observation_transform (a dummy forward).
+        self.network_obs_shape = self._transformed_shape(self.obs_shape)
         self.action_dim = int(action_dim)
         self.actor_lr = actor_lr
         self.critic_lr = critic_lr
@@ -155,7 +163,7 @@ class SACPolicyModule(lightning.LightningModule):
         self.target_entropy = -float(action_dim)  # H-bar = -|A|
 
         self.encoder = make_encoder(
-            self.obs_shape, feature_dim, num_layers=num_conv_layers, num_filters=num_filters
+            self.network_obs_shape, feature_dim, num_layers=num_conv_layers, num_filters=num_filters
         )
         self.actor = Actor(
             feature_dim, action_dim, hidden_dim, actor_log_std_min, actor_log_std_max
@@ -213,13 +221,38 @@ class SACPolicyModule(lightning.LightningModule):
     def augment(self, obs: Tensor) -> Tensor:
         """Data augmentation seam; identity for plain SAC (RAD overrides it).
 
+        :meth:`training_step` calls it once per update with obs and next_obs stacked on dim 1
+        (``(B, 2C, H, W)`` for pixels), so draw one random transform per sample and apply it to
+        all channels: the two observations of a transition then share it.
+
         Args:
-            obs: ``(B, *obs_shape)`` observations as sampled (uint8 pixels).
+            obs: ``(B, 2 * obs_shape[0], *obs_shape[1:])`` observations as sampled (uint8 pixels).
 
         Returns:
-            Augmented observations with the shape the encoder was built for.
+            Augmented observations whose trailing dims are ``network_obs_shape[1:]`` (same count of
+            channels).
         """
         return obs
+
+    def observation_transform(self, obs: Tensor) -> Tensor:
+        """Deterministic seam from raw env observations to what the networks see; identity here.
+
+        :meth:`act` and :meth:`q_value` apply it; the networks are built for its output shape
+        (``network_obs_shape``, found by a dummy forward in ``__init__``). Override it together
+        with :meth:`augment` when the augmentation changes the image size (RAD: centre crop for a
+        random crop). Needs only attributes set before ``super().__init__``.
+
+        Args:
+            obs: ``(B, *obs_shape)`` raw observations.
+
+        Returns:
+            ``(B, *network_obs_shape)``.
+        """
+        return obs
+
+    def _transformed_shape(self, obs_shape: tuple[int, ...]) -> tuple[int, ...]:
+        dummy = torch.zeros(1, *obs_shape, dtype=torch.uint8 if len(obs_shape) == 3 else None)
+        return tuple(int(s) for s in self.observation_transform(dummy).shape[1:])
 
     # ------------------------------------------------------------------ losses
     def critic_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -325,9 +358,16 @@ class SACPolicyModule(lightning.LightningModule):
         actor_opt, critic_opt, temperature_opt = self._get_optimizers()
         step = self.update_step
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        # Augment once; the same augmented views feed the critic and the actor.
-        batch["obs"] = self.augment(batch["obs"])
-        batch["next_obs"] = self.augment(batch["next_obs"])
+        # Augment once, obs and next_obs stacked on channels (one draw per transition); the same
+        # augmented views feed the critic and the actor.
+        both = self.augment(torch.cat([batch["obs"], batch["next_obs"]], dim=1))
+        batch["obs"], batch["next_obs"] = both.chunk(2, dim=1)
+        if tuple(batch["obs"].shape[1:]) != self.network_obs_shape:
+            raise ConfigError(
+                f"{type(self).__name__}.augment returned observations of shape "
+                f"{tuple(batch['obs'].shape[1:])} per half, the networks expect {self.network_obs_shape}",
+                "make observation_transform produce the same size as augment",
+            )
         metrics: dict[str, Tensor] = {}
 
         # Critic loss -> critic_opt (encoder + Q1 + Q2).
@@ -391,6 +431,8 @@ class SACPolicyModule(lightning.LightningModule):
     def act(self, obs: np.ndarray | Tensor, deterministic: bool = False) -> np.ndarray:
         """Choose an action with the online encoder and actor (no augmentation, no grad).
 
+        Raw observations go through :meth:`observation_transform` first (RAD: centre crop).
+
         Args:
             obs: One observation shaped ``obs_shape`` or a batch ``(B, *obs_shape)``; uint8 pixels
                 as the env returns them.
@@ -415,6 +457,7 @@ class SACPolicyModule(lightning.LightningModule):
         x = x.to(self.device, non_blocking=True)
         if single:
             x = x.unsqueeze(0)
+        x = self.observation_transform(x)
         action, _, _ = self.actor(self.encoder(x), deterministic=deterministic)
         out = action[0] if single else action
         return out.float().cpu().numpy()
@@ -424,7 +467,7 @@ class SACPolicyModule(lightning.LightningModule):
         """min(Q1, Q2)(s, a) from the online encoder and critic; COVR's return signals use it.
 
         Args:
-            obs: Batch of observations ``(B, *obs_shape)``.
+            obs: Batch of raw observations ``(B, *obs_shape)`` (``observation_transform`` is applied).
             action: ``(B, A)``; ``None`` scores the actor's mean action, which makes this the
                 state value used to bootstrap the return-to-go of a segment cut by a time limit
                 or a round boundary.
@@ -434,7 +477,7 @@ class SACPolicyModule(lightning.LightningModule):
         """
         obs = obs.to(self.device)
         obs = obs.float() if obs.is_floating_point() else obs
-        features = self.encoder(obs)
+        features = self.encoder(self.observation_transform(obs))
         if action is None:
             action, _, _ = self.actor(features, deterministic=True)
         q1, q2 = self.critic(features, action.to(self.device).float())
