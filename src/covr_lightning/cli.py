@@ -51,6 +51,33 @@ def build_cli() -> argparse.ArgumentParser:
     fit.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
     commands.add_parser("recipes", help="list the packaged recipes")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate a checkpoint's deterministic policy (no VLM)",
+        description="Run the deterministic policy of a checkpoint; log to the run's MLflow run.",
+    )
+    evaluate.add_argument(
+        "--checkpoint", required=True, metavar="PATH", help="run dir, checkpoint dir or state.pt"
+    )
+    evaluate.add_argument("--episodes", type=int, default=10, help="episodes (default 10)")
+    evaluate.add_argument("--seed", type=int, help="evaluation seed (default run.seed + 100003)")
+    evaluate.add_argument("--video", action="store_true", help="record the first episode (MP4)")
+    evaluate.add_argument("--video-size", type=int, default=256, help="video side in px (256)")
+    evaluate.add_argument("--device", default="cpu", help="torch device of the policy (cpu)")
+    evaluate.add_argument("--no-log", action="store_true", help="do not log to MLflow")
+    evaluate.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+    export = commands.add_parser(
+        "export",
+        help="export the policy (encoder + actor) as TorchScript",
+        description="Write the deterministic policy as a TorchScript file plus a JSON spec.",
+    )
+    export.add_argument(
+        "--checkpoint", required=True, metavar="PATH", help="run dir, checkpoint dir or state.pt"
+    )
+    export.add_argument("--out", default="policy.pt", help="output file (default policy.pt)")
+    export.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 
 
@@ -103,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "recipes":
             return cmd_recipes()
+        if args.command == "evaluate":
+            from covr_lightning.evaluate import cmd_evaluate
+
+            return cmd_evaluate(args)
+        if args.command == "export":
+            from covr_lightning.export import cmd_export
+
+            return cmd_export(args)
         return cmd_fit(args)
     except ConfigError as err:
         if debug:
