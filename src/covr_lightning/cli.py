@@ -88,7 +88,7 @@ def cmd_recipes() -> int:
     from covr_lightning.config import list_recipes, packaged_recipes_dir
 
     table = Table(title=f"packaged recipes ({packaged_recipes_dir()})", title_justify="left")
-    table.add_column("recipe", style="bold")
+    table.add_column("recipe", style="bold", no_wrap=True)  # names are typed: never cut them
     table.add_column("what it runs")
     for name, summary in list_recipes():
         table.add_row(name, summary)
