@@ -78,6 +78,30 @@ def build_cli() -> argparse.ArgumentParser:
     )
     export.add_argument("--out", default="policy.pt", help="output file (default policy.pt)")
     export.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+    compare = commands.add_parser(
+        "compare",
+        help="compare runs of an MLflow experiment (IQM, bootstrap CI, learning curves)",
+        description="Group finished runs by params; table (.md/.csv) and learning curves (.png).",
+    )
+    compare.add_argument(
+        "--experiment", default="covr-quickstart", help="MLflow experiment (covr-quickstart)"
+    )
+    compare.add_argument("--metric", default="eval/return", help="metric key (eval/return)")
+    compare.add_argument(
+        "--group-by",
+        default="run.name",
+        metavar="KEYS",
+        help="comma-separated param keys; run.name drops a -seedN suffix (run.name)",
+    )
+    compare.add_argument(
+        "--at-env-steps", default="", metavar="STEPS", help="extra table points, e.g. 2500,5000"
+    )
+    compare.add_argument("--out", help="output folder (default comparison/<experiment>)")
+    compare.add_argument(
+        "--include-unfinished", action="store_true", help="also running, failed and killed runs"
+    )
+    compare.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 
 
@@ -138,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             from covr_lightning.export import cmd_export
 
             return cmd_export(args)
+        if args.command == "compare":
+            from covr_lightning.tracking.compare import cmd_compare
+
+            return cmd_compare(args)
         return cmd_fit(args)
     except ConfigError as err:
         if debug:
