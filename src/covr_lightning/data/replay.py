@@ -28,8 +28,6 @@ the filled slots), plus ``meta.json`` holding :meth:`ReplayDataModule.state_dict
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,15 +39,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from covr_lightning.data.array_dir import RESUME_FIX as _RESUME_FIX
+from covr_lightning.data.array_dir import load_array_dir, read_meta, save_array_dir
 from covr_lightning.errors import ConfigError
 
 # Keys of a sampled batch plus the names of the internal arrays; extras may not reuse them.
 CORE_KEYS = frozenset(
     {"obs", "next_obs", "action", "reward", "terminated", "frames", "step_in_episode", "valid"}
 )
-_META_FILE = "meta.json"
 _FORMAT_VERSION = 1
-_RESUME_FIX = "resume from another checkpoint (--resume PATH) or start fresh without --resume"
 
 
 @dataclass(frozen=True)
@@ -594,16 +592,8 @@ class ReplayDataModule(lightning.LightningDataModule):
             ConfigError: If the buffer was never allocated.
         """
         self._require_allocated("save")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta_path = directory / _META_FILE
-        meta_path.unlink(missing_ok=True)
         # Filled slots are always 0..size-1: the ring fills from slot 0 before wrapping.
-        for name, arr in self._arrays().items():
-            np.save(directory / f"{name}.npy", arr[: self._size], allow_pickle=False)
-        tmp = directory / f"{_META_FILE}.tmp"
-        tmp.write_text(json.dumps(self.state_dict(), indent=1))
-        os.replace(tmp, meta_path)
+        save_array_dir(directory, self._arrays(), self._size, self.state_dict())
 
     def load(self, directory: str | Path) -> None:
         """Inverse of :meth:`save`; allocates from meta.json if ``allocate`` was not called.
@@ -619,14 +609,7 @@ class ReplayDataModule(lightning.LightningDataModule):
             ConfigError: If a file is missing, truncated or corrupt, or shapes or capacity differ
                 from this buffer's allocation.
         """
-        directory = Path(directory)
-        meta_path = directory / _META_FILE
-        try:
-            state = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as err:
-            raise ConfigError(
-                f"cannot read replay metadata {meta_path} ({err})", _RESUME_FIX
-            ) from err
+        state = read_meta(directory, "replay")
         parsed = self._parse_state(state)
         if not parsed["allocated"]:
             raise ConfigError(f"replay checkpoint {directory} holds no buffer", _RESUME_FIX)
@@ -642,21 +625,7 @@ class ReplayDataModule(lightning.LightningDataModule):
         }
         for name, spec in parsed["extras"].items():
             expected[f"extra_{name}"] = ((size, *spec.shape), np.dtype(spec.dtype))
-        stored: dict[str, np.ndarray] = {}
-        for name, (shape, dtype) in expected.items():
-            path = directory / f"{name}.npy"
-            try:
-                stored[name] = np.load(path, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError, EOFError) as err:
-                raise ConfigError(
-                    f"replay file {path} is missing or corrupt ({err})", _RESUME_FIX
-                ) from err
-            if stored[name].shape != shape or stored[name].dtype != dtype:
-                raise ConfigError(
-                    f"replay file {path} holds {stored[name].dtype} {stored[name].shape}, "
-                    f"meta.json says {dtype} {shape}",
-                    _RESUME_FIX,
-                )
+        stored = load_array_dir(directory, expected, "replay", mmap=True)
         self._apply_state(parsed)
         for name, arr in self._arrays().items():
             arr[:size] = stored.pop(name)  # streams from the page cache into the ring

@@ -40,10 +40,8 @@ without it is never taken for a good checkpoint. The built SFT set is not saved:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,8 @@ import lightning
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from covr_lightning.data.array_dir import RESUME_FIX as _RESUME_FIX
+from covr_lightning.data.array_dir import load_array_dir, read_meta, save_array_dir
 from covr_lightning.data.eddf import EDDFMode, EntropySign, eddf_mask
 from covr_lightning.data.ralw import RALWMode, ralw_weights
 from covr_lightning.data.returns import ReturnSignal, discounted_return_to_go
@@ -64,9 +64,7 @@ EDDF_MODES = ("dynamic", "random", "top_k", "no_zscore")
 EDDF_SIGNS = ("intent", "literal")
 RALW_MODES = ("return", "none", "random")
 
-_META_FILE = "meta.json"
 _FORMAT_VERSION = 1
-_RESUME_FIX = "resume from another checkpoint (--resume PATH) or start fresh without --resume"
 _FIRST_CAPACITY = 64  # rows allocated at first; doubled as D_f grows, up to max_rows
 # Per-row arrays besides frames and actions, with their dtypes (also the .npy file names).
 _ROW_FIELDS = {
@@ -568,15 +566,7 @@ class SFTDataModule(lightning.LightningDataModule):
         Args:
             directory: Target directory (created if missing; existing files are replaced).
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta_path = directory / _META_FILE
-        meta_path.unlink(missing_ok=True)
-        for name, array in self._arrays().items():
-            np.save(directory / f"{name}.npy", array[: self._size], allow_pickle=False)
-        tmp = directory / f"{_META_FILE}.tmp"
-        tmp.write_text(json.dumps(self.state_dict(), indent=1))
-        os.replace(tmp, meta_path)
+        save_array_dir(directory, self._arrays(), self._size, self.state_dict())
 
     def load(self, directory: str | Path) -> None:
         """Inverse of :meth:`save`: replaces D_f, the open segment and the RNG state.
@@ -591,12 +581,7 @@ class SFTDataModule(lightning.LightningDataModule):
             ConfigError: If a file is missing, truncated or corrupt, disagrees with meta.json, or
                 holds more rows than ``max_rows``.
         """
-        directory = Path(directory)
-        meta_path = directory / _META_FILE
-        try:
-            state = json.loads(meta_path.read_text())
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"cannot read SFT metadata {meta_path} ({err})", _RESUME_FIX) from err
+        state = read_meta(directory, "SFT")
         parsed = _parse_state(state)
         rows = parsed["rows"]
         if rows > self.max_rows:
@@ -609,21 +594,7 @@ class SFTDataModule(lightning.LightningDataModule):
             "actions": ((rows, parsed["action_dim"]), np.dtype(np.float32)),
         }
         expected.update({name: ((rows,), dtype) for name, dtype in _ROW_FIELDS.items()})
-        stored: dict[str, np.ndarray] = {}
-        for name, (shape, dtype) in expected.items():
-            path = directory / f"{name}.npy"
-            try:
-                stored[name] = np.load(path, allow_pickle=False)
-            except (OSError, ValueError, EOFError) as err:
-                raise ConfigError(
-                    f"SFT file {path} is missing or corrupt ({err})", _RESUME_FIX
-                ) from err
-            if stored[name].shape != shape or stored[name].dtype != dtype:
-                raise ConfigError(
-                    f"SFT file {path} holds {stored[name].dtype} {stored[name].shape}, "
-                    f"meta.json says {dtype} {shape}",
-                    _RESUME_FIX,
-                )
+        stored = load_array_dir(directory, expected, "SFT")
         self._check_open_segment(parsed, stored["segment_steps"])
         self._frames = stored.pop("frames")
         self._actions = stored.pop("actions")
