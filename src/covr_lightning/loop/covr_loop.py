@@ -26,7 +26,6 @@ which a Fabric precision plugin would otherwise cast.
 
 from __future__ import annotations
 
-import math
 import time
 from functools import partial
 from typing import Any
@@ -197,17 +196,21 @@ class COVRLoop(RLLoop):
             folder = self.vlm.save_adapter(self.run_dir / "adapters" / f"round_{current.index}")
             self.tracker.log_artifact(folder, artifact_path=f"adapters/round_{current.index}")
         else:
-            self.progress.log(f"round {current.index}: EDDF kept no row; no fine-tune this round")
+            self.progress.log(
+                f"round {current.index}: EDDF kept none of {len(self.sft)} rows; no fine-tune "
+                "this round"
+            )
         self.sft.clear()
         elapsed = time.perf_counter() - start
         self.phase_seconds["vlm"] += elapsed
         metrics["time/vlm_phase_s"] = elapsed
         self.tracker.log_metrics(metrics, step=self.env_steps)
-        self.progress.log(
-            f"round {current.index} fine-tune: {int(metrics['sft/rows_out'])} of "
-            f"{int(metrics['sft/rows_in'])} rows, loss {metrics.get('vlm/sft_loss', math.nan):.3f}, "
-            f"{elapsed:.1f} s"
-        )
+        if "vlm/sft_loss" in metrics:
+            self.progress.log(
+                f"round {current.index} fine-tune: {int(metrics['sft/rows_out'])} of "
+                f"{int(metrics['sft/rows_in'])} rows, loss {metrics['vlm/sft_loss']:.3f}, "
+                f"{elapsed:.1f} s"
+            )
 
     def fine_tune(self) -> dict[str, float]:
         """LoRA-fine-tune the VLM on the built SFT set; mean metrics of the round."""

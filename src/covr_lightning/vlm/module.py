@@ -21,6 +21,7 @@ the backbone.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -160,7 +161,10 @@ class VLMLoRAModule(lightning.LightningModule):
             bias="none",
         )
         try:
-            return get_peft_model(base, config)
+            with warnings.catch_warnings():
+                # peft asks transformers a deprecated question; harmless until transformers 6.
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+                return get_peft_model(base, config)
         except ValueError as error:  # no module matched
             raise ConfigError(
                 f"vlm.target_modules {target_modules} match no linear layer of the language model "

@@ -168,7 +168,10 @@ def _write_tiny(folder: Path) -> None:
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = token_id("<|im_end|>")
     model.generation_config.pad_token_id = token_id("<|endoftext|>")
-    model.save_pretrained(folder)
+    from covr_lightning.vlm.backbones import _quiet_progress
+
+    with _quiet_progress(True):
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     # At most 112 x 112 pixels -> 8 x 8 patches of 14 -> 16 image tokens after the 2 x 2 merge.
     Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=112 * 112).save_pretrained(folder)
