@@ -35,7 +35,7 @@ import torch
 from jsonargparse import Namespace
 
 from covr_lightning.config import COVRConfig, import_class, instantiate
-from covr_lightning.errors import ConfigError, TrainingDivergedError
+from covr_lightning.errors import ConfigError, TrainingDivergedError, require_all
 from covr_lightning.loop.rl_loop import RLLoop
 from covr_lightning.loop.schedule import Round, plan_rounds, schedule_table
 
@@ -404,9 +404,7 @@ def _check_covr(covr: COVRConfig) -> None:
         ),
         (covr.sft_epochs >= 1, f"covr.sft_epochs must be >= 1, got {covr.sft_epochs}"),
     ]
-    for ok, problem in checks:
-        if not ok:
-            raise ConfigError(problem, "fix the value in the recipe")
+    require_all(checks)
 
 
 __all__ = ["PHASES", "COVRLoop", "instantiate"]

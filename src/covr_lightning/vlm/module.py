@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from covr_lightning.data.ralw import ralw_loss
-from covr_lightning.errors import ConfigError
+from covr_lightning.errors import ConfigError, require_all
 from covr_lightning.vlm.backbones import Quantization, load_backbone
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,4 @@ def _check_hparams(rank: int, alpha: float, dropout: float, smoothing: float, lr
         (0 <= smoothing < 1, f"vlm.label_smoothing must be in [0, 1), got {smoothing}"),
         (lr > 0, f"vlm.lr must be > 0, got {lr}"),
     ]
-    for ok, problem in checks:
-        if not ok:
-            raise ConfigError(problem, "fix the value in the recipe")
+    require_all(checks)
