@@ -162,8 +162,6 @@ class COVRLoop(RLLoop):
             self.phase = "rl"
             self.round_index += 1
             self.save()  # after the fine-tune: D_f cleared, adapter updated
-        # The last round's final checkpoint may predate the round counter moving past it.
-        self.last_checkpoint_env_step = -1
 
     def _rl_phase(self, current: Round) -> None:
         guided = current.guided

@@ -264,7 +264,8 @@ class RLLoop:
 
             if terminated or truncated:
                 self.end_episode()
-                if self.env_steps >= self.next_checkpoint_at:
+                # At the target the caller checkpoints (phase boundary, or finish()): not twice.
+                if self.next_checkpoint_at <= self.env_steps < env_step_target:
                     self.save()
                 obs = self.start_episode() if self.env_steps < env_step_target else None
         self._open_obs = obs
