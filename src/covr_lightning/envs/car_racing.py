@@ -27,8 +27,10 @@ effect on the physics or the rewards; tests compare against an untouched CarRaci
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+import warnings
 
 # pygame (imported by CarRacing) needs no display for drawing on surfaces, but SDL would try one if
 # anything opened a window; the dummy driver keeps headless machines headless. Only if unset.
@@ -101,7 +103,9 @@ def _require_box2d() -> None:
     missing = []
     for module in ("Box2D", "pygame"):
         try:
-            __import__(module)
+            with warnings.catch_warnings():  # Box2D's SWIG types warn on import
+                warnings.filterwarnings("ignore", "builtin type", DeprecationWarning)
+                importlib.import_module(module)
         except ImportError:
             missing.append(module)
     if missing:
