@@ -280,8 +280,8 @@ class ActorList(list):
     def filter(self, wildcard_pattern) -> ActorList:
         return ActorList(a for a in self if fnmatch.fnmatch(a.type_id, wildcard_pattern))
 
-    def find(self, actor_id):
-        return next((a for a in self if a.id == actor_id), None)
+    def find(self, id):
+        return next((a for a in self if a.id == id), None)
 
 
 class Actor:
@@ -414,7 +414,6 @@ class Sensor(Actor):
         super().__init__(*args, **kwargs)
         self._callback = None
 
-    @property
     def is_listening(self) -> bool:
         return self._callback is not None
 
@@ -521,10 +520,9 @@ class World:
         server.spawned.append(actor.id)
         return actor
 
-    def get_actors(self, actor_ids=None) -> ActorList:
+    def get_actors(self) -> ActorList:
         self._check()
-        actors = self._server.actors.values()
-        return ActorList(a for a in actors if actor_ids is None or a.id in actor_ids)
+        return ActorList(self._server.actors.values())
 
     def get_actor(self, actor_id):
         self._check()

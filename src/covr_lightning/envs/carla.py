@@ -39,6 +39,7 @@ If the server cannot be reached again the env raises a one-line :class:`ConfigEr
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -46,6 +47,7 @@ import os
 import queue
 import re
 import tempfile
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,6 +339,15 @@ class _Server:
 
 
 _SERVERS: dict[tuple[str, int], _Server] = {}
+_OPEN_ENVS: weakref.WeakSet[CarlaEnv] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_envs() -> None:
+    """Close envs nobody closed: their actors would outlive this process on the server, and a
+    synchronous world with nobody ticking freezes the next client."""
+    for env in list(_OPEN_ENVS):
+        env.close()
 
 
 def _join_server(env: CarlaEnv, carla, timeout: float, tm_port: int, delta: float) -> _Server:
@@ -513,6 +524,7 @@ class CarlaEnv(gymnasium.Env):
             self, self.carla, self.timeout, int(traffic_manager_port), self.dt
         )
         self._generation = self._server.generation
+        _OPEN_ENVS.add(self)
 
     # ---------------------------------------------------------------- gymnasium API
 
