@@ -56,6 +56,8 @@ class RunConfig:
         log_every_env_steps: Average the update metrics over this many env steps before logging.
         accelerator: Fabric accelerator: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         precision: Fabric precision, e.g. ``32-true`` or ``bf16-mixed``.
+        num_envs: Training envs stepped together (worker processes when > 1); each agent step
+            of each env counts, and the policy still gets one update per agent step.
     """
 
     name: str = "covr"
@@ -70,6 +72,7 @@ class RunConfig:
     log_every_env_steps: int = 1_000
     accelerator: str = "auto"
     precision: str = "32-true"
+    num_envs: int = 1
 
 
 @dataclass

@@ -450,3 +450,34 @@ def test_invalid_config_names_the_key(key, value):
     with pytest.raises(ConfigError, match=rf"sft\.{key}") as err:
         SFTDataModule(**{key: value})
     assert "\n" not in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_interleaved_streams_get_the_returns_of_separate_segments(tmp_path):
+    """Two envs' steps arrive interleaved; each stream's rows get its own return-to-go."""
+    rewards = {0: [1.0, -2.0, 3.0, 0.5, 2.0], 1: [4.0, 0.0, -1.0]}
+    mixed = SFTDataModule(gamma=0.8)
+    separate = {k: SFTDataModule(gamma=0.8) for k in rewards}
+    order = [0, 1, 0, 1, 0, 1, 0, 0]
+    seen = {0: 0, 1: 0}
+    for k in order:
+        t = seen[k]
+        tag = 10 * k + t
+        kw = dict(frame=frame(tag), action=action(tag), replay_index=tag)
+        mixed.record_step(rewards[k][t], **kw, stream=k)
+        separate[k].record_step(rewards[k][t], **kw)
+        seen[k] += 1
+        if k == 1 and seen[1] == 3:  # stream 1 terminates while stream 0 is mid-episode
+            mixed.end_segment(stream=1)
+            separate[1].end_segment()
+    assert mixed.open_streams == [0] and mixed.open_segment_length == 5
+    mixed.save(tmp_path / "sft")  # the open segment of stream 0 survives a checkpoint
+    restored = SFTDataModule(gamma=0.8)
+    restored.load(tmp_path / "sft")
+    for dm in (mixed, restored):
+        dm.end_segment(bootstrap=2.0, truncated=True, stream=0)
+    separate[0].end_segment(bootstrap=2.0, truncated=True)
+    for dm in (mixed, restored):
+        for k, single in separate.items():
+            mine = dm.replay_indices // 10 == k
+            np.testing.assert_allclose(dm.returns[mine], single.returns)
+            np.testing.assert_array_equal(dm.truncated[mine], single.truncated)

@@ -22,8 +22,14 @@ write costs O(stack). ``sample`` draws uniformly over ``np.flatnonzero(valid)`` 
 under 0.1 ms at 100k) and gathers the frames of obs and next_obs with one fancy index over
 ``(2B, stack)`` slots (about 1.5 ms for B=128 of 9x84x84 on a busy 2-core CPU).
 
-Checkpoints (:meth:`ReplayDataModule.save`) are a directory of ``.npy`` files, one per array (only
-the filled slots), plus ``meta.json`` holding :meth:`ReplayDataModule.state_dict`.
+Several envs at once (``num_streams`` > 1, one stream per env of a vectorised loop): each stream is
+its own ring of ``capacity // num_streams`` slots, interleaved so that stream ``s``'s position ``p``
+is slot ``p * num_streams + s``. All of the above holds per stream (successor and stack slots stay in
+the stream), and since the streams fill at about the same pace the filled slots stay close to a
+prefix of the arrays, which is what a checkpoint writes. With one stream the layout is the plain ring.
+
+Checkpoints (:meth:`ReplayDataModule.save`) are a directory of ``.npy`` files, one per array (the
+filled prefix), plus ``meta.json`` holding :meth:`ReplayDataModule.state_dict`.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from covr_lightning.errors import ConfigError
 CORE_KEYS = frozenset(
     {"obs", "next_obs", "action", "reward", "terminated", "frames", "step_in_episode", "valid"}
 )
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: per-stream pointers (version 1, one stream, still loads)
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,7 @@ class ReplayDataModule(lightning.LightningDataModule):
 
     Usage: ``allocate`` (or ``load``) once, then per episode ``start_episode(obs)`` after
     ``env.reset`` and ``add(action, reward, next_obs, terminated)`` after every ``env.step``.
+    With several envs, ``allocate(..., num_streams=N)`` and pass ``stream=i`` to both.
 
     Args:
         capacity: Number of slots, i.e. frames (= transitions) kept before the oldest are overwritten.
@@ -114,16 +121,36 @@ class ReplayDataModule(lightning.LightningDataModule):
         self.frame_dtype = np.dtype("uint8")
         self.frame_stack = 1
         self.action_shape: tuple[int, ...] = ()
+        self.num_streams = 1
+        self._stream_capacity = self.capacity
         self._reset_pointers()
 
     # ------------------------------------------------------------------ allocation
     def _reset_pointers(self) -> None:
-        self._head = 0  # next slot to write
-        self._size = 0  # filled slots (<= capacity)
-        self._num_written = 0  # frames written since allocation (monotone)
+        n = self.num_streams
+        self._heads = np.zeros(n, np.int64)  # next position to write, per stream
+        self._num_written = np.zeros(n, np.int64)  # frames written per stream (monotone)
         self.last_transition_id = -1  # id of the newest transition (see transitions_at)
-        self._cur = -1  # slot of the last stored observation o_t; -1 when no episode is open
-        self._cur_step = 0  # step_in_episode of o_t
+        self._cur = np.full(n, -1, np.int64)  # slot of each stream's last o_t; -1: no episode open
+        self._cur_step = np.zeros(n, np.int64)  # step_in_episode of that o_t
+
+    @property
+    def _size(self) -> int:
+        """Filled slots over all streams (<= capacity)."""
+        return int(np.minimum(self._num_written, self._stream_capacity).sum())
+
+    @property
+    def _extent(self) -> int:
+        """One past the highest filled slot: the prefix of the arrays a checkpoint writes."""
+        filled = np.minimum(self._num_written, self._stream_capacity)
+        streams = np.flatnonzero(filled)
+        if len(streams) == 0:
+            return 0
+        return int(((filled[streams] - 1) * self.num_streams + streams).max() + 1)
+
+    def _slot(self, position: np.ndarray | int, stream: np.ndarray | int) -> np.ndarray | int:
+        """Slot of a stream's ring position (positions wrap within the stream)."""
+        return (position % self._stream_capacity) * self.num_streams + stream
 
     def declare_extra(
         self,
@@ -184,6 +211,7 @@ class ReplayDataModule(lightning.LightningDataModule):
         frame_dtype: np.dtype | str | type,
         frame_stack: int,
         action_shape: tuple[int, ...],
+        num_streams: int = 1,
     ) -> None:
         """Allocate the ring. Memory is ``capacity`` frames plus small per-transition arrays.
 
@@ -194,37 +222,53 @@ class ReplayDataModule(lightning.LightningDataModule):
             frame_dtype: Frame dtype (uint8 for pixels, float32 for state).
             frame_stack: Frames per observation; observations are ``(stack*C, H, W)`` / ``(stack*D,)``.
             action_shape: Shape of one action, e.g. ``(A,)``.
+            num_streams: Envs writing at once (one open episode each); each gets
+                ``capacity // num_streams`` slots.
 
         Raises:
-            ConfigError: If already allocated with other shapes, or capacity < frame_stack + 1.
+            ConfigError: If already allocated with other shapes, or a stream's share of the
+                capacity is below frame_stack + 1.
         """
         frame_shape = tuple(int(s) for s in frame_shape)
         action_shape = tuple(int(s) for s in action_shape)
         frame_dtype = np.dtype(frame_dtype)
         frame_stack = int(frame_stack)
+        num_streams = int(num_streams)
         if self._allocated:
-            have = (self.frame_shape, self.frame_dtype, self.frame_stack, self.action_shape)
-            if have != (frame_shape, frame_dtype, frame_stack, action_shape):
+            have = (
+                self.frame_shape,
+                self.frame_dtype,
+                self.frame_stack,
+                self.action_shape,
+                self.num_streams,
+            )
+            if have != (frame_shape, frame_dtype, frame_stack, action_shape, num_streams):
                 raise ConfigError(
                     f"replay already allocated for frames {self.frame_shape} {self.frame_dtype} "
-                    f"x{self.frame_stack}, actions {self.action_shape}; asked for {frame_shape} "
-                    f"{frame_dtype} x{frame_stack}, actions {action_shape}",
-                    "use a new ReplayDataModule for a different environment",
+                    f"x{self.frame_stack}, actions {self.action_shape}, {self.num_streams} "
+                    f"stream(s); asked for {frame_shape} {frame_dtype} x{frame_stack}, actions "
+                    f"{action_shape}, {num_streams} stream(s)",
+                    "resume with the run's env and run.num_envs, or use a new ReplayDataModule",
                 )
             return
+        if num_streams < 1:
+            raise ConfigError(f"replay num_streams must be >= 1, got {num_streams}", "set it >= 1")
         if frame_stack < 1 or not frame_shape:
             raise ConfigError(
                 f"bad replay frame spec {frame_shape} x{frame_stack}",
                 "pass the env's frame_shape and frame_stack >= 1",
             )
         # A transition needs its stack (stack slots) plus the successor frame: stack + 1 live slots.
-        if self.capacity < frame_stack + 1:
+        if self.capacity // num_streams < frame_stack + 1:
             raise ConfigError(
-                f"replay capacity {self.capacity} cannot hold a stack of {frame_stack} plus its successor",
-                f"set capacity >= {frame_stack + 1}",
+                f"replay capacity {self.capacity} split over {num_streams} stream(s) cannot hold "
+                f"a stack of {frame_stack} plus its successor",
+                f"set capacity >= {(frame_stack + 1) * num_streams}",
             )
         self.frame_shape, self.frame_dtype = frame_shape, frame_dtype
         self.frame_stack, self.action_shape = frame_stack, action_shape
+        self.num_streams = num_streams
+        self._stream_capacity = self.capacity // num_streams
         cap = self.capacity
         self._frames = np.zeros((cap, *frame_shape), dtype=frame_dtype)
         self._step = np.zeros(cap, dtype=np.int64)  # step_in_episode of the slot's frame
@@ -277,15 +321,15 @@ class ReplayDataModule(lightning.LightningDataModule):
             )
         return obs[-c:]
 
-    def _write_frame(self, frame: np.ndarray, step: int) -> int:
-        """Write one frame at the head, invalidating transitions that needed the old frame there."""
-        j = self._head
-        cap = self.capacity
+    def _write_frame(self, frame: np.ndarray, step: int, stream: int) -> int:
+        """Write one frame at a stream's head, invalidating transitions that needed the old frame."""
+        head = int(self._heads[stream])
+        j = self._slot(head, stream)
         self._valid[j] = False
-        # A slot j+d (d >= 1) older than j needs slots down to (j+d) - min(step, stack-1); the old
-        # frame at j is among them iff d <= min(step, stack-1). Slots further away cannot reach j.
+        # A position p+d (d >= 1) older than p needs positions down to (p+d) - min(step, stack-1);
+        # the old frame at p is among them iff d <= min(step, stack-1). Further ones cannot reach p.
         for d in range(1, self.frame_stack):
-            k = (j + d) % cap
+            k = self._slot(head + d, stream)
             if self._valid[k] and self._step[k] >= d:
                 self._valid[k] = False
         self._frames[j] = frame
@@ -295,27 +339,46 @@ class ReplayDataModule(lightning.LightningDataModule):
         self._terminated[j] = False
         for name, spec in self._extra_specs.items():
             self._extras[name][j] = spec.fill
-        self._head = (j + 1) % cap
-        self._size = min(self._size + 1, cap)
-        self._num_written += 1
+        self._heads[stream] = (head + 1) % self._stream_capacity
+        self._num_written[stream] += 1
         return j
 
-    def start_episode(self, obs: np.ndarray) -> None:
+    def _check_stream(self, stream: int) -> int:
+        stream = int(stream)
+        if not 0 <= stream < self.num_streams:
+            raise ConfigError(
+                f"replay stream {stream} does not exist (allocated with {self.num_streams})",
+                "pass stream in 0..num_streams-1, one per env",
+            )
+        return stream
+
+    def start_episode(self, obs: np.ndarray, stream: int = 0) -> None:
         """Store the first observation of an episode (only its newest frame is kept).
+
+        An episode still open in the stream is abandoned: its stored transitions stay sampleable.
 
         Args:
             obs: Stacked observation returned by ``env.reset``: ``(stack*C, H, W)`` or ``(D,)``.
+            stream: Which env's stream (0 with one env).
 
         Raises:
-            ConfigError: If the buffer is not allocated or ``obs`` has the wrong shape or dtype.
+            ConfigError: If the buffer is not allocated, ``obs`` has the wrong shape or dtype, or
+                the stream does not exist.
         """
         self._require_allocated("start_episode")
+        stream = self._check_stream(stream)
         frame = self._newest_frame(obs, "start_episode obs")
-        self._cur = self._write_frame(frame, 0)
-        self._cur_step = 0
+        self._cur[stream] = self._write_frame(frame, 0, stream)
+        self._cur_step[stream] = 0
 
     def add(
-        self, action: Any, reward: float, next_obs: np.ndarray, terminated: bool, **extras: Any
+        self,
+        action: Any,
+        reward: float,
+        next_obs: np.ndarray,
+        terminated: bool,
+        stream: int = 0,
+        **extras: Any,
     ) -> None:
         """Record the transition from the last stored observation and store ``next_obs``'s newest frame.
 
@@ -324,6 +387,7 @@ class ReplayDataModule(lightning.LightningDataModule):
             reward: Reward of the step (summed over the action repeat).
             next_obs: Stacked observation returned by ``env.step``.
             terminated: True only for a true termination (cuts the bootstrap); not for time limits.
+            stream: Which env's stream (0 with one env).
             **extras: Values of declared extra fields; missing ones get their ``fill``.
 
         Raises:
@@ -331,7 +395,8 @@ class ReplayDataModule(lightning.LightningDataModule):
                 shape is wrong.
         """
         self._require_allocated("add")
-        if self._cur < 0:
+        stream = self._check_stream(stream)
+        if self._cur[stream] < 0:
             raise ConfigError(
                 "replay.add called with no open episode",
                 "call start_episode(obs) after every env.reset, including after a termination",
@@ -355,9 +420,10 @@ class ReplayDataModule(lightning.LightningDataModule):
                     "pass one unbatched value per add",
                 )
         frame = self._newest_frame(next_obs, "add next_obs")
-        i = self._cur
+        i = int(self._cur[stream])
+        step = int(self._cur_step[stream])
         # The successor is written first: writing it resets slot i+1's fields, never slot i's.
-        succ = self._write_frame(frame, self._cur_step + 1)
+        succ = self._write_frame(frame, step + 1, stream)
         self._action[i] = action
         self._reward[i] = reward
         self._terminated[i] = bool(terminated)
@@ -365,11 +431,12 @@ class ReplayDataModule(lightning.LightningDataModule):
             self._extras[name][i] = value
         # capacity >= stack + 1, so slot i's stack and slot i+1's stack are all recent frames.
         self._valid[i] = True
-        self.last_transition_id = self._num_written - 2  # write counter of slot i's frame
+        # The stream's write counter of slot i's frame, interleaved like the slots: id % slots = i.
+        self.last_transition_id = int(self._num_written[stream] - 2) * self.num_streams + stream
         if terminated:
-            self._cur = -1
+            self._cur[stream] = -1
         else:
-            self._cur, self._cur_step = succ, self._cur_step + 1
+            self._cur[stream], self._cur_step[stream] = succ, step + 1
 
     # ------------------------------------------------------------------ reading
     def transitions_at(
@@ -377,16 +444,19 @@ class ReplayDataModule(lightning.LightningDataModule):
     ) -> tuple[dict[str, torch.Tensor], np.ndarray]:
         """Transitions by id (:attr:`last_transition_id` after each ``add``), and which still exist.
 
-        Ids count frame writes, so slot = id % capacity; a transition is gone once its slot (or a
-        frame of its stack) has been overwritten. Gone rows come back with whatever the slot holds
-        now and ``False`` in the mask.
+        An id is ``w * num_streams + stream`` with ``w`` the stream's frame write counter, so
+        slot = id % (stream capacity x num_streams); a transition is gone once its slot (or a frame
+        of its stack) has been overwritten. Gone rows come back with whatever the slot holds now
+        and ``False`` in the mask.
 
         Returns:
             ``(batch, present)``: a batch as from :meth:`sample` and a bool mask ``(N,)``.
         """
         ids = np.asarray(transition_ids, dtype=np.int64).reshape(-1)
-        slots = ids % self.capacity
-        present = (ids >= 0) & (self._num_written <= ids + self.capacity) & self._valid[slots]
+        n, per_stream = self.num_streams, self._stream_capacity
+        slots = ids % (n * per_stream)
+        written = self._num_written[ids % n]
+        present = (ids >= 0) & (written <= ids // n + per_stream) & self._valid[slots]
         return self._batch_at(slots), present
 
     def __len__(self) -> int:
@@ -414,7 +484,8 @@ class ReplayDataModule(lightning.LightningDataModule):
         """
         back = np.arange(self.frame_stack - 1, -1, -1)  # (stack,) = stack-1 .. 0
         back = np.minimum(back[None, :], self._step[idx][:, None])
-        return (idx[:, None] - back) % self.capacity
+        n = self.num_streams
+        return self._slot(idx[:, None] // n - back, idx[:, None] % n)
 
     def _gather_obs(self, idx: np.ndarray) -> np.ndarray:
         """Stacked observations of slots ``idx``: ``(B, stack*C, ...)``, one fancy index."""
@@ -428,7 +499,8 @@ class ReplayDataModule(lightning.LightningDataModule):
         # One gather for obs and next_obs: a single output allocation is reused by malloc across
         # calls, while two live ones each got fresh pages (measured 1 ms vs 5-8 ms at B=128, 84px).
         # The halves are disjoint contiguous blocks, so obs and next_obs never alias.
-        both = self._gather_obs(np.concatenate([idx, (idx + 1) % self.capacity]))
+        successors = self._slot(idx // self.num_streams + 1, idx % self.num_streams)
+        both = self._gather_obs(np.concatenate([idx, successors]))
         batch = {
             "obs": torch.from_numpy(both[:b]),
             "action": torch.from_numpy(self._action[idx]),
@@ -485,12 +557,14 @@ class ReplayDataModule(lightning.LightningDataModule):
             "frame_dtype": self.frame_dtype.name,
             "frame_stack": self.frame_stack,
             "action_shape": list(self.action_shape),
+            "num_streams": self.num_streams,
             "extras": {name: spec.to_json() for name, spec in self._extra_specs.items()},
-            "head": self._head,
             "size": self._size,
-            "num_written": self._num_written,
-            "cur": self._cur,
-            "cur_step": self._cur_step,
+            "extent": self._extent,
+            "heads": self._heads.tolist(),
+            "num_written": self._num_written.tolist(),
+            "cur": self._cur.tolist(),
+            "cur_step": self._cur_step.tolist(),
             "rng": self._rng.bit_generator.state,
         }
 
@@ -511,6 +585,15 @@ class ReplayDataModule(lightning.LightningDataModule):
     def _parse_state(self, state: Any) -> dict[str, Any]:
         """Validate a state dict against this buffer without changing anything."""
         try:
+            if int(state["version"]) == 1:  # one stream, scalar pointers
+                state = {
+                    **state,
+                    "version": 2,
+                    "num_streams": 1,
+                    "extent": state["size"],
+                    **{k: [state[k]] for k in ("num_written", "cur", "cur_step")},
+                    "heads": [state["head"]],
+                }
             parsed = {
                 "version": int(state["version"]),
                 "capacity": int(state["capacity"]),
@@ -520,6 +603,7 @@ class ReplayDataModule(lightning.LightningDataModule):
                     np.dtype(state["frame_dtype"]),
                     int(state["frame_stack"]),
                     tuple(int(s) for s in state["action_shape"]),
+                    int(state["num_streams"]),
                 ),
                 "extras": {
                     str(name): ExtraField(
@@ -527,8 +611,11 @@ class ReplayDataModule(lightning.LightningDataModule):
                     )
                     for name, e in state["extras"].items()
                 },
+                "size": int(state["size"]),
+                "extent": int(state["extent"]),
                 "pointers": [
-                    int(state[k]) for k in ("head", "size", "num_written", "cur", "cur_step")
+                    np.asarray(state[k], dtype=np.int64).reshape(-1)
+                    for k in ("heads", "num_written", "cur", "cur_step")
                 ],
                 "rng": np.random.Generator(np.random.PCG64()).bit_generator,
             }
@@ -546,12 +633,19 @@ class ReplayDataModule(lightning.LightningDataModule):
                 f"replay checkpoint has capacity {cap}, this buffer {self.capacity}",
                 f"construct ReplayDataModule(capacity={cap}) to resume it",
             )
-        have = (self.frame_shape, self.frame_dtype, self.frame_stack, self.action_shape)
+        have = (
+            self.frame_shape,
+            self.frame_dtype,
+            self.frame_stack,
+            self.action_shape,
+            self.num_streams,
+        )
         if self._allocated and parsed["allocated"] and have != parsed["shapes"]:
             raise ConfigError(
-                f"replay checkpoint holds frames/stack/actions {parsed['shapes']}, this buffer "
-                f"was allocated for {have}",
-                "resume with the environment the checkpoint was recorded on, or start fresh",
+                f"replay checkpoint holds frames/stack/actions/streams {parsed['shapes']}, this "
+                f"buffer was allocated for {have}",
+                "resume with the environment and run.num_envs the checkpoint was recorded with, "
+                "or start fresh",
             )
         for name, spec in parsed["extras"].items():
             old = self._extra_specs.get(name)
@@ -563,10 +657,22 @@ class ReplayDataModule(lightning.LightningDataModule):
         missing = sorted(set(self._extra_specs) - set(parsed["extras"]))
         if missing:
             raise ConfigError(f"replay checkpoint lacks declared extras {missing}", _RESUME_FIX)
-        head, size, _, cur, cur_step = parsed["pointers"]
-        if not (0 <= head < cap and 0 <= size <= cap and -1 <= cur < cap and cur_step >= 0):
+        streams = parsed["shapes"][4]
+        heads, written, cur, cur_step = parsed["pointers"]
+        per_stream = cap // max(streams, 1)
+        if not (
+            streams >= 1
+            and all(len(p) == streams for p in parsed["pointers"])
+            and np.all((heads >= 0) & (heads < per_stream))
+            and np.all(written >= 0)
+            and 0 <= parsed["size"] <= parsed["extent"] <= cap
+            and np.all((cur >= -1) & (cur < cap))
+            and np.all(cur_step >= 0)
+        ):
             raise ConfigError(
-                f"replay state has out-of-range pointers {parsed['pointers']}", _RESUME_FIX
+                f"replay state has out-of-range pointers "
+                f"{[p.tolist() for p in parsed['pointers']]}",
+                _RESUME_FIX,
             )
         return parsed
 
@@ -577,7 +683,9 @@ class ReplayDataModule(lightning.LightningDataModule):
         if parsed["allocated"]:
             self.allocate(*parsed["shapes"])
         self._rng = np.random.Generator(parsed["rng"])
-        self._head, self._size, self._num_written, self._cur, self._cur_step = parsed["pointers"]
+        self._heads, self._num_written, self._cur, self._cur_step = (
+            p.copy() for p in parsed["pointers"]
+        )
 
     def save(self, directory: str | Path) -> None:
         """Write each array's filled part to ``<directory>/<name>.npy`` and the metadata to meta.json.
@@ -592,8 +700,8 @@ class ReplayDataModule(lightning.LightningDataModule):
             ConfigError: If the buffer was never allocated.
         """
         self._require_allocated("save")
-        # Filled slots are always 0..size-1: the ring fills from slot 0 before wrapping.
-        save_array_dir(directory, self._arrays(), self._size, self.state_dict())
+        # Every filled slot lies below the extent (with one stream: exactly the first size slots).
+        save_array_dir(directory, self._arrays(), self._extent, self.state_dict())
 
     def load(self, directory: str | Path) -> None:
         """Inverse of :meth:`save`; allocates from meta.json if ``allocate`` was not called.
@@ -613,8 +721,8 @@ class ReplayDataModule(lightning.LightningDataModule):
         parsed = self._parse_state(state)
         if not parsed["allocated"]:
             raise ConfigError(f"replay checkpoint {directory} holds no buffer", _RESUME_FIX)
-        frame_shape, frame_dtype, _, action_shape = parsed["shapes"]
-        size = parsed["pointers"][1]
+        frame_shape, frame_dtype, _, action_shape, _ = parsed["shapes"]
+        size = parsed["extent"]
         expected = {
             "frames": ((size, *frame_shape), frame_dtype),
             "step_in_episode": ((size,), np.dtype(np.int64)),

@@ -64,7 +64,7 @@ EDDF_MODES = ("dynamic", "random", "top_k", "no_zscore")
 EDDF_SIGNS = ("intent", "literal")
 RALW_MODES = ("return", "none", "random")
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: one open segment per stream (version 1 still loads)
 _FIRST_CAPACITY = 64  # rows allocated at first; doubled as D_f grows, up to max_rows
 # Per-row arrays besides frames and actions, with their dtypes (also the .npy file names).
 _ROW_FIELDS = {
@@ -189,8 +189,10 @@ class SFTDataModule(lightning.LightningDataModule):
         self._actions = np.zeros((0, 0), dtype=np.float32)
         self._fields = {name: np.zeros(0, dtype=dtype) for name, dtype in _ROW_FIELDS.items()}
         self._dropped = 0
-        self._segment_rewards: list[float] = []  # every step of the open segment, in order
-        self._segment_first_row = 0  # rows from here to the end belong to the open segment
+        # Per stream (one per env of a vectorised loop): every step of its open segment, in
+        # order, and the rows that segment stored so far.
+        self._segment_rewards: dict[int, list[float]] = {}
+        self._segment_rows: dict[int, list[int]] = {}
         self._clear_built()
 
     def _clear_built(self) -> None:
@@ -224,6 +226,7 @@ class SFTDataModule(lightning.LightningDataModule):
         action: np.ndarray | None = None,
         replay_index: int = -1,
         entropy: float = math.nan,
+        stream: int = 0,
     ) -> None:
         """Record one agent step of the open episode segment; store a row if a frame is given.
 
@@ -233,13 +236,16 @@ class SFTDataModule(lightning.LightningDataModule):
             action: The policy's action a_r, ``(A,)``; required together with ``frame``.
             replay_index: Index of the step's transition in the replay buffer (-1 if unknown).
             entropy: Policy entropy when the step was taken (NaN before the first update).
+            stream: Which env the step came from (0 with one env); each stream has its own
+                open segment.
 
         Raises:
             ValueError: If only one of ``frame`` and ``action`` is given, or either has the wrong
                 shape or dtype, or differs in shape from the rows already stored.
         """
-        step = len(self._segment_rewards)
-        self._segment_rewards.append(float(reward))
+        rewards = self._segment_rewards.setdefault(int(stream), [])
+        step = len(rewards)
+        rewards.append(float(reward))
         if frame is None and action is None:
             return
         if frame is None or action is None:
@@ -276,28 +282,27 @@ class SFTDataModule(lightning.LightningDataModule):
         self._fields["replay_indices"][i] = replay_index
         self._fields["entropies"][i] = entropy
         self._fields["segment_steps"][i] = step
+        self._segment_rows.setdefault(int(stream), []).append(i)
         self._size += 1
 
-    def end_segment(self, bootstrap: float = 0.0, truncated: bool = False) -> None:
-        """Close the open episode segment and give each of its rows its return-to-go.
+    def end_segment(self, bootstrap: float = 0.0, truncated: bool = False, stream: int = 0) -> None:
+        """Close a stream's open episode segment and give each of its rows its return-to-go.
 
         Args:
             bootstrap: Value of the state after the last step: 0 for a terminated episode, the
                 critic's value (or 0) for a segment cut by a time limit or the end of the round.
             truncated: True when the segment was cut rather than terminated; its rows are marked.
+            stream: Which env's segment (0 with one env).
 
         A call with no open steps does nothing.
         """
-        if not self._segment_rewards:
+        rewards = self._segment_rewards.pop(int(stream), [])
+        rows = np.asarray(self._segment_rows.pop(int(stream), []), dtype=np.int64)
+        if not rewards:
             return
-        returns = discounted_return_to_go(
-            np.asarray(self._segment_rewards), self.gamma, float(bootstrap)
-        )
-        rows = slice(self._segment_first_row, self._size)
+        returns = discounted_return_to_go(np.asarray(rewards), self.gamma, float(bootstrap))
         self._fields["returns"][rows] = returns[self._fields["segment_steps"][rows]]
         self._fields["truncated"][rows] = bool(truncated)
-        self._segment_rewards = []
-        self._segment_first_row = self._size
 
     def clear(self) -> None:
         """Empty D_f, the built SFT set and the open segment (after each fine-tuning round).
@@ -363,8 +368,13 @@ class SFTDataModule(lightning.LightningDataModule):
 
     @property
     def open_segment_length(self) -> int:
-        """Steps recorded since the last :meth:`end_segment` (with or without a row)."""
-        return len(self._segment_rewards)
+        """Steps recorded since the last :meth:`end_segment`, summed over the streams."""
+        return sum(len(rewards) for rewards in self._segment_rewards.values())
+
+    @property
+    def open_streams(self) -> list[int]:
+        """Streams with an open segment (steps recorded since their last :meth:`end_segment`)."""
+        return sorted(k for k, rewards in self._segment_rewards.items() if rewards)
 
     @property
     def num_examples(self) -> int:
@@ -425,7 +435,7 @@ class SFTDataModule(lightning.LightningDataModule):
             g = self._fields["rewards"][:n].copy()
         else:
             g = self._fields["returns"][:n].copy()
-            open_rows = n - self._segment_first_row
+            open_rows = sum(len(rows) for rows in self._segment_rows.values())
             if open_rows > 0:
                 log.warning(
                     "SFT build with %d rows in an open episode segment: their return-to-go is "
@@ -514,8 +524,13 @@ class SFTDataModule(lightning.LightningDataModule):
             "frame_shape": list(self._frames.shape[1:]),
             "action_dim": int(self._actions.shape[1]),
             "dropped_rows": self._dropped,
-            "segment_rewards": list(self._segment_rewards),
-            "segment_first_row": self._segment_first_row,
+            "open_segments": {
+                str(stream): {
+                    "rewards": list(self._segment_rewards[stream]),
+                    "rows": list(self._segment_rows.get(stream, [])),
+                }
+                for stream in self.open_streams
+            },
             "rng": self._rng.bit_generator.state,
         }
 
@@ -540,21 +555,23 @@ class SFTDataModule(lightning.LightningDataModule):
         self._apply_state(parsed)
 
     def _check_open_segment(self, parsed: dict[str, Any], segment_steps: np.ndarray) -> None:
-        first, steps = parsed["segment_first_row"], len(parsed["segment_rewards"])
-        if not 0 <= first <= parsed["rows"] or (
-            first < parsed["rows"] and segment_steps[first:].max() >= steps
-        ):
-            raise ConfigError(
-                f"SFT state has an open segment of {steps} steps from row {first} that does not "
-                f"fit its {parsed['rows']} rows",
-                _RESUME_FIX,
-            )
+        for stream, (rewards, rows) in parsed["open_segments"].items():
+            if rows and (
+                min(rows) < 0
+                or max(rows) >= parsed["rows"]
+                or segment_steps[rows].max() >= len(rewards)
+            ):
+                raise ConfigError(
+                    f"SFT state has an open segment of {len(rewards)} steps (stream {stream}) "
+                    f"that does not fit its {parsed['rows']} rows",
+                    _RESUME_FIX,
+                )
 
     def _apply_state(self, parsed: dict[str, Any]) -> None:
         self._rng = np.random.Generator(parsed["rng"])
         self._dropped = parsed["dropped_rows"]
-        self._segment_rewards = parsed["segment_rewards"]
-        self._segment_first_row = parsed["segment_first_row"]
+        self._segment_rewards = {k: list(r) for k, (r, _) in parsed["open_segments"].items()}
+        self._segment_rows = {k: list(rows) for k, (_, rows) in parsed["open_segments"].items()}
         self._clear_built()
 
     def save(self, directory: str | Path) -> None:
@@ -650,10 +667,18 @@ def _parse_state(state: Any) -> dict[str, Any]:
             "frame_shape": tuple(int(s) for s in state["frame_shape"]),
             "action_dim": int(state["action_dim"]),
             "dropped_rows": int(state["dropped_rows"]),
-            "segment_rewards": [float(r) for r in state["segment_rewards"]],
-            "segment_first_row": int(state["segment_first_row"]),
             "rng": np.random.PCG64(),
         }
+        if int(state["version"]) == 1:  # one stream: the open segment's rows are a suffix
+            first, rows = int(state["segment_first_row"]), int(state["rows"])
+            rewards = [float(r) for r in state["segment_rewards"]]
+            parsed["open_segments"] = {0: (rewards, list(range(first, rows)))} if rewards else {}
+            parsed["version"] = _FORMAT_VERSION
+        else:
+            parsed["open_segments"] = {
+                int(k): ([float(r) for r in v["rewards"]], [int(i) for i in v["rows"]])
+                for k, v in state["open_segments"].items()
+            }
         parsed["rng"].state = state["rng"]
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ConfigError(f"SFT state is malformed ({err!r})", _RESUME_FIX) from err

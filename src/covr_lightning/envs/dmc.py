@@ -55,15 +55,21 @@ PAPER_ACTION_REPEAT: dict[str, int] = {
 }
 
 # What each domain's agent should do, in words, for the VLM's prompt (COVR's "task prompt").
-TASK_DESCRIPTIONS: dict[str, str] = {
+TASK_DESCRIPTIONS: dict[str | tuple[str, str], str] = {
     "cartpole": "move the cart so that the pole swings up and stays balanced upright",
     "cheetah": "make the planar cheetah run forward (to the right) as fast as possible",
     "walker": "make the planar walker move forward while staying upright",
     "finger": "use the finger to spin the hinged body as fast as possible",
-    "reacher": "move the arm so that its tip reaches the red target",
+    "reacher": "move the arm so that its tip reaches the reddish target sphere",
     "ball_in_cup": "swing the ball on its string up and catch it in the cup",
     "hopper": "make the one-legged hopper hop forward while staying upright",
     "pendulum": "swing the pendulum up and keep it balanced upright",
+    # A task whose goal differs from its domain's usual one is keyed (domain, task).
+    (
+        "walker",
+        "run",
+    ): "make the planar walker run forward as fast as possible while staying upright",
+    ("cheetah", "run"): "make the planar cheetah run forward (to the right) as fast as possible",
 }
 
 # DrQ / RAD view quadrupeds from camera 2; every other domain from camera 0.
@@ -431,7 +437,9 @@ class DMCEnv(gymnasium.Env):
     def task_description(self) -> str:
         """The task in words, for the VLM's prompt."""
         default = f"solve the {self.domain} {self.task} task"
-        return TASK_DESCRIPTIONS.get(self.domain, default)
+        return TASK_DESCRIPTIONS.get(
+            (self.domain, self.task), TASK_DESCRIPTIONS.get(self.domain, default)
+        )
 
     def close(self) -> None:
         """Frees the GL contexts and the dm_control environment (idempotent)."""

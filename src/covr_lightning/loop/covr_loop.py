@@ -64,7 +64,7 @@ class COVRLoop(RLLoop):
         _check_covr(self.covr)
         self.round_index = 0
         self.phase = "rl"
-        self.steps_since_query = 0
+        self.steps_since_query: list[int] = []  # per env: frames since its last guide query
         self.vlm = None
         self.sft = None
         self.guide = None
@@ -116,9 +116,11 @@ class COVRLoop(RLLoop):
             sft_args["gamma"] = float(getattr(self.module, "gamma", 0.99))
         self.sft = import_class(self.cfg.sft.class_path)(**sft_args, seed=self.run.seed)
         action_dim = int(space.shape[0])
-        self.prior_action = np.zeros(action_dim, np.float32)  # a_v of the last query
-        self.prior_valid = False
-        self._vlm_frame: np.ndarray | None = None  # the render of this step, if any
+        n = self.num_envs
+        self.steps_since_query = [0] * n
+        self.prior_action = np.zeros((n, action_dim), np.float32)  # a_v of each env's last query
+        self.prior_valid = np.zeros(n, dtype=bool)
+        self._vlm_frames: list[np.ndarray | None] = [None] * n  # this step's renders, if any
         self._guide_seconds = 0.0
         self._prior_distances: list[float] = []
         self.phase_seconds = {"rl": 0.0, "vlm": 0.0}
@@ -181,8 +183,10 @@ class COVRLoop(RLLoop):
     def _vlm_phase(self, current: Round) -> None:
         self.progress.set_description(f"round {current.index} VLM fine-tune")
         start = time.perf_counter()
-        if self.sft.open_segment_length > 0:  # the episode goes on in the next round
-            self.sft.end_segment(bootstrap=self._state_value(self._open_obs), truncated=True)
+        for lane in self.sft.open_streams:  # the episode goes on in the next round
+            self.sft.end_segment(
+                bootstrap=self._state_value(self.lane_obs[lane]), truncated=True, stream=lane
+            )
         metrics = self.sft.build(
             entropy=self.module.policy_entropy,
             encode_target=self.codec.encode,
@@ -254,61 +258,80 @@ class COVRLoop(RLLoop):
 
     # ------------------------------------------------------------------ per step
 
-    def select_action(self, obs: np.ndarray) -> np.ndarray:
-        """Render for the VLM on schedule (guide query and/or D_f row), then act as the base does."""
-        self._vlm_frame = None
-        query = False
-        if self.covr.enabled:
-            step = self.steps_since_query
-            query = step % self.covr.guide_every == 0
-            if query or step % self.covr.sft_every == 0:
-                size = self.covr.vlm_image_size
-                self._vlm_frame = self.env.render(size, size)
-            if query and self.module.prior_weight > 0:  # guided round: ask the VLM
-                start = time.perf_counter()
-                actions, valid = self.guide.propose(self._vlm_frame[None])
-                self._guide_seconds += time.perf_counter() - start
-                self.prior_action, self.prior_valid = actions[0], bool(valid[0])
-        action = super().select_action(obs)
-        if query and self.module.prior_weight > 0 and self.prior_valid:
-            self._prior_distances.append(float(np.linalg.norm(self.prior_action - action)))
-        self.steps_since_query += 1
-        return action
+    def select_actions(self, obs: np.ndarray) -> np.ndarray:
+        """Render for the VLM on schedule (guide query and/or D_f row), then act as the base does.
 
-    def transition_extras(self) -> dict[str, Any]:
-        """The current prior and its mask (invalid, or not yet guided: mask 0)."""
+        Each env keeps its own schedule (its first frame of an episode is a query frame); the
+        frames of all envs that query now go to the guide as one batch.
+        """
+        n = len(obs)
+        self._vlm_frames = [None] * n
+        ask = np.zeros(n, dtype=bool)
+        if self.covr.enabled:
+            steps = np.asarray(self.steps_since_query)
+            query = steps % self.covr.guide_every == 0
+            needed = query | (steps % self.covr.sft_every == 0)
+            if needed.any():
+                size = self.covr.vlm_image_size
+                # One call renders every env (workers render in parallel); unneeded ones are
+                # dropped. Envs share a schedule unless their episodes differ in length.
+                frames = self.envs.render(size, size)
+                for lane in np.flatnonzero(needed):
+                    self._vlm_frames[lane] = frames[lane]
+            ask = query & (self.module.prior_weight > 0)  # guided round: ask the VLM
+            if ask.any():
+                lanes = np.flatnonzero(ask)
+                start = time.perf_counter()
+                actions, valid = self.guide.propose(frames[lanes])
+                self._guide_seconds += time.perf_counter() - start
+                self.prior_action[lanes] = actions
+                self.prior_valid[lanes] = valid
+        actions = super().select_actions(obs)
+        if self.covr.enabled:
+            for lane in np.flatnonzero(ask & self.prior_valid):
+                self._prior_distances.append(
+                    float(np.linalg.norm(self.prior_action[lane] - actions[lane]))
+                )
+            self.steps_since_query = [step + 1 for step in self.steps_since_query]
+        return actions
+
+    def transition_extras(self, lane: int) -> dict[str, Any]:
+        """Env ``lane``'s current prior and its mask (invalid, or not yet guided: mask 0)."""
         if not self.covr.enabled:
             return {}
-        guided = self.module.prior_weight > 0 and self.prior_valid
-        return {"prior": self.prior_action, "prior_mask": np.float32(guided)}
+        guided = self.module.prior_weight > 0 and bool(self.prior_valid[lane])
+        return {"prior": self.prior_action[lane], "prior_mask": np.float32(guided)}
 
-    def after_step(self, action, reward, next_obs, terminated, truncated) -> None:
+    def after_step(self, lane, action, reward, next_obs, terminated, truncated) -> None:
         """Feed D_f: every reward, a row where the VLM-sized frame was rendered."""
         if not self.covr.enabled:
             return
-        if self._vlm_frame is not None and self._is_row_step():
+        frame = self._vlm_frames[lane]
+        if frame is not None and self._is_row_step(lane):
             self.sft.record_step(
                 reward,
-                frame=self._vlm_frame,
+                frame=frame,
                 action=np.asarray(action, np.float32),
                 replay_index=int(self.replay.last_transition_id),
                 entropy=self.module.policy_entropy,
+                stream=lane,
             )
         else:
-            self.sft.record_step(reward)
+            self.sft.record_step(reward, stream=lane)
         if terminated:
-            self.sft.end_segment(bootstrap=0.0)
+            self.sft.end_segment(bootstrap=0.0, stream=lane)
         elif truncated:
-            self.sft.end_segment(bootstrap=self._state_value(next_obs), truncated=True)
+            self.sft.end_segment(bootstrap=self._state_value(next_obs), truncated=True, stream=lane)
 
-    def _is_row_step(self) -> bool:
-        """Whether the step just taken stores a D_f row (``steps_since_query`` already moved on)."""
-        return (self.steps_since_query - 1) % self.covr.sft_every == 0
+    def _is_row_step(self, lane: int) -> bool:
+        """Whether env ``lane``'s step just taken stores a D_f row (its counter moved on)."""
+        return (self.steps_since_query[lane] - 1) % self.covr.sft_every == 0
 
-    def start_episode(self) -> np.ndarray:
-        """New episode: the next frame is a query frame."""
-        self.steps_since_query = 0
-        return super().start_episode()
+    def start_episode(self, lane: int = 0) -> np.ndarray:
+        """New episode in env ``lane``: its next frame is a query frame."""
+        if self.covr.enabled:
+            self.steps_since_query[lane] = 0
+        return super().start_episode(lane)
 
     def log_train_metrics(self) -> None:
         """Base metrics plus the guide's invalid rate, prior distance and time per query."""
@@ -362,7 +385,7 @@ class COVRLoop(RLLoop):
             state["covr"] = {
                 "adapter": self.vlm.adapter_state_dict(),
                 "prior_action": torch.from_numpy(self.prior_action.copy()),
-                "prior_valid": self.prior_valid,
+                "prior_valid": torch.from_numpy(self.prior_valid.copy()),
                 "phase_seconds": dict(self.phase_seconds),
             }
         return state
@@ -384,9 +407,17 @@ class COVRLoop(RLLoop):
                 f"checkpoint {checkpoint}: {err}",
                 "resume with the vlm settings the run started with",
             ) from err
-        self.prior_action = covr_state["prior_action"].numpy().astype(np.float32)
-        self.prior_valid = bool(covr_state["prior_valid"])
+        n = self.num_envs
+        self.prior_action = covr_state["prior_action"].numpy().astype(np.float32).reshape(n, -1)
+        self.prior_valid = np.asarray(covr_state["prior_valid"], dtype=bool).reshape(n)
         self.phase_seconds = dict(covr_state["phase_seconds"])
+        if isinstance(self.steps_since_query, int):  # checkpoints from before run.num_envs
+            self.steps_since_query = [self.steps_since_query]
+        # Env state is not checkpointed: the resumed run starts new episodes, so the episode
+        # segments that were open in D_f end here, bootstrapped from where they stood.
+        for lane in self.sft.open_streams:
+            obs = self.resumed_lane_obs[lane] if lane < len(self.resumed_lane_obs) else None
+            self.sft.end_segment(bootstrap=self._state_value(obs), truncated=True, stream=lane)
 
 
 def _check_covr(covr: COVRConfig) -> None:

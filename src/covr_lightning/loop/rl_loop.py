@@ -1,8 +1,11 @@
 """The training loop for the RL agent, on :class:`lightning.Fabric`.
 
 One agent step: act (random during warm-up, then the policy), step the env (``action_repeat`` env
-steps), store the transition, do one SAC update. Around it: evaluation of the deterministic policy,
-metrics to MLflow keyed by env step, whole-state checkpoints at episode ends, and resume.
+steps), store the transition, do one SAC update. With ``run.num_envs`` = N the loop steps N envs
+at once (worker processes, :mod:`covr_lightning.envs.vector`): one batched ``act`` for N
+observations, N transitions into N replay streams, N updates, and env steps summed over the envs.
+Around it: evaluation of the deterministic policy, metrics to MLflow keyed by env step,
+whole-state checkpoints at episode ends, and resume.
 
 The COVR issue extends this class into the two-phase loop: :meth:`RLLoop.train_until` runs the RL
 phase up to an env step and :meth:`RLLoop.transition_extras` is where the VLM prior joins each
@@ -34,6 +37,7 @@ from covr_lightning.config import (
     dump_config,
     instantiate,
 )
+from covr_lightning.envs.vector import EnvPool, env_factories
 from covr_lightning.errors import ConfigError, TrainingDivergedError
 from covr_lightning.loop import checkpoint as ckpt
 from covr_lightning.tracking.mlflow import MLflowTracker, flatten
@@ -83,6 +87,7 @@ class RLLoop:
         "env_steps",
         "agent_steps",
         "episodes",
+        "episodes_started",
         "updates",
         "next_eval_at",
         "next_checkpoint_at",
@@ -104,9 +109,15 @@ class RLLoop:
         )
         self.fabric.seed_everything(self.run.seed, verbose=False)
 
-        self.env = instantiate(cfg.env, seed=self.run.seed)
         self.eval_env = instantiate(cfg.env, seed=self.run.seed + 100_003)
-        self._check_env(self.env)
+        self._check_env(self.eval_env)
+        # An in-process env of the recipe whose attributes (spaces, frame shape, repeat, codec,
+        # task) size everything; the training envs below may live in other processes.
+        self.env = self.eval_env
+        self.num_envs = self.run.num_envs
+        init_args = cfg.env.init_args.as_dict() if cfg.env.get("init_args") else {}
+        seeds = [self.run.seed + i for i in range(self.num_envs)]
+        self.envs = EnvPool(env_factories(cfg.env.class_path, init_args, seeds))
         obs_space, act_space = self.env.observation_space, self.env.action_space
 
         policy = instantiate(
@@ -122,6 +133,7 @@ class RLLoop:
             frame_dtype=obs_space.dtype,
             frame_stack=int(self.env.frame_stack),
             action_shape=tuple(act_space.shape),
+            num_streams=self.num_envs,
         )
         self.action_low, self.action_high = act_space.low, act_space.high
         self.action_repeat = int(self.env.action_repeat)
@@ -130,6 +142,7 @@ class RLLoop:
         self.env_steps = 0
         self.agent_steps = 0
         self.episodes = 0
+        self.episodes_started = 0
         self.updates = 0
         self.next_eval_at = 0
         self.next_checkpoint_at = self.run.checkpoint_every_env_steps
@@ -145,7 +158,12 @@ class RLLoop:
         self._updates_in_window = 0
         self.last_eval_env_step = -1
         self.last_checkpoint_env_step = -1
-        self._open_obs: np.ndarray | None = None  # observation of an episode still in progress
+        # Per env: the observation of its episode in progress (None: none open), the running
+        # return and the env step its episode began at.
+        self.lane_obs: list[np.ndarray | None] = [None] * self.num_envs
+        self.lane_return = np.zeros(self.num_envs)
+        self.lane_start_env_step = np.zeros(self.num_envs, dtype=np.int64)
+        self.resumed_lane_obs: list[np.ndarray | None] = [None] * self.num_envs  # set by load()
         self.build_extras()
         if self.resume_from is not None:
             self.load(self.resume_from)
@@ -240,67 +258,99 @@ class RLLoop:
     def train_until(self, env_step_target: int) -> None:
         """Run agent steps (act, store, update) until ``env_steps >= env_step_target``.
 
-        An episode still open when the target is reached stays open: the next call (the next
-        COVR round) continues it rather than cutting it short.
+        Each iteration steps every env once. An episode still open when the target is reached
+        stays open: the next call (the next COVR round) continues it rather than cutting it short.
         """
-        obs = self._open_obs if self._open_obs is not None else self.start_episode()
+        for lane in range(self.num_envs):
+            if self.lane_obs[lane] is None:
+                self.lane_obs[lane] = self.start_episode(lane)
         while self.env_steps < env_step_target:
-            action = self.select_action(obs)
-            next_obs, reward, terminated, truncated, info = self.env.step(action)
-            self.replay.add(action, reward, next_obs, terminated, **self.transition_extras())
-            self.env_steps += int(info.get("env_steps", self.action_repeat))
-            self.agent_steps += 1
-            self.episode_return += float(reward)
-            self.after_step(action, float(reward), next_obs, terminated, truncated)
-            obs = next_obs
+            obs = np.stack(self.lane_obs)
+            actions = self.select_actions(obs)
+            next_obs, rewards, terminated, truncated, infos = self.envs.step(actions)
+            ended = []
+            for lane in range(self.num_envs):
+                self.replay.add(
+                    actions[lane],
+                    rewards[lane],
+                    next_obs[lane],
+                    terminated[lane],
+                    stream=lane,
+                    **self.transition_extras(lane),
+                )
+                self.env_steps += int(infos[lane].get("env_steps", self.action_repeat))
+                self.agent_steps += 1
+                self.lane_return[lane] += float(rewards[lane])
+                self.after_step(
+                    lane,
+                    actions[lane],
+                    float(rewards[lane]),
+                    next_obs[lane],
+                    bool(terminated[lane]),
+                    bool(truncated[lane]),
+                )
+                self.lane_obs[lane] = next_obs[lane]
+                if terminated[lane] or truncated[lane]:
+                    ended.append(lane)
 
             if self.env_steps >= self.run.seed_env_steps and len(self.replay) > 0:
-                self._means.add(self.update())
+                for _ in range(self.num_envs):  # one update per agent step, as with one env
+                    self._means.add(self.update())
             if self.env_steps >= self.next_log_at:
                 self.log_train_metrics()
             if self.env_steps >= self.next_eval_at:
                 self.evaluate_and_log()
             self.progress.update(self.env_steps)
 
-            if terminated or truncated:
-                self.end_episode()
+            for lane in ended:
+                self.end_episode(lane)
+                self.lane_obs[lane] = None
+            if ended:
                 # At the target the caller checkpoints (phase boundary, or finish()): not twice.
                 if self.next_checkpoint_at <= self.env_steps < env_step_target:
                     self.save()
-                obs = self.start_episode() if self.env_steps < env_step_target else None
-        self._open_obs = obs
+                if self.env_steps < env_step_target:
+                    for lane in ended:
+                        self.lane_obs[lane] = self.start_episode(lane)
 
-    def start_episode(self) -> np.ndarray:
-        """Reset the training env and open a new episode in the replay buffer."""
-        # Reseed per episode from (seed, episode index): a resumed run meets the same episodes.
-        obs, _ = self.env.reset(seed=self.run.seed * 1_000_003 + self.episodes)
-        self.replay.start_episode(obs)
-        self.episode_return = 0.0
-        self.episode_start_env_step = self.env_steps
+    def start_episode(self, lane: int = 0) -> np.ndarray:
+        """Reset training env ``lane`` and open a new episode in its replay stream."""
+        # Reseed per episode from (seed, episodes started): a resumed run meets the same episodes.
+        seed = self.run.seed * 1_000_003 + self.episodes_started
+        self.episodes_started += 1
+        obs = self.envs.reset(lane, seed)
+        self.replay.start_episode(obs, stream=lane)
+        self.lane_return[lane] = 0.0
+        self.lane_start_env_step[lane] = self.env_steps
         return obs
 
-    def end_episode(self) -> None:
-        """Count the finished episode and log its return at the current env step."""
+    def end_episode(self, lane: int = 0) -> None:
+        """Count env ``lane``'s finished episode and log its return at the current env step."""
         self.episodes += 1
-        self.last_episode_return = self.episode_return
-        self.progress.episode(self.episode_return)
+        episode_return = float(self.lane_return[lane])
+        self.last_episode_return = episode_return
+        self.progress.episode(episode_return)
         self.tracker.log_metrics(
             {
-                "rl/episode_return": self.episode_return,
-                "rl/episode_env_steps": self.env_steps - self.episode_start_env_step,
+                "rl/episode_return": episode_return,
+                "rl/episode_env_steps": int(self.env_steps - self.lane_start_env_step[lane]),
                 "rl/episodes": self.episodes,
             },
             step=self.env_steps,
         )
 
-    def select_action(self, obs: np.ndarray) -> np.ndarray:
-        """Uniform random during warm-up, then a sample from the policy."""
+    def select_actions(self, obs: np.ndarray) -> np.ndarray:
+        """``(N, A)`` actions for the ``(N, ...)`` observations of the envs.
+
+        Uniform random during warm-up, then samples from the policy (one batched forward pass).
+        """
         if self.env_steps < self.run.seed_env_steps:
-            return self.rng.uniform(self.action_low, self.action_high).astype(np.float32)
+            shape = (len(obs), *self.action_low.shape)
+            return self.rng.uniform(self.action_low, self.action_high, shape).astype(np.float32)
         return self.module.act(obs, deterministic=False)
 
-    def transition_extras(self) -> dict[str, Any]:
-        """Per-transition fields stored beside each transition (the COVR loop adds the prior)."""
+    def transition_extras(self, lane: int) -> dict[str, Any]:
+        """Per-transition fields stored beside env ``lane``'s transition (COVR adds the prior)."""
         return {}
 
     # ------------------------------------------------------------------ hooks for subclasses
@@ -317,13 +367,14 @@ class RLLoop:
 
     def after_step(
         self,
+        lane: int,
         action: np.ndarray,
         reward: float,
         next_obs: np.ndarray,
         terminated: bool,
         truncated: bool,
     ) -> None:
-        """Called after each transition is stored, before an ended episode is closed."""
+        """Called after env ``lane``'s transition is stored, before an ended episode is closed."""
 
     def checkpoint_stores(self) -> dict[str, Any]:
         """Objects with ``save(dir)`` / ``load(dir)`` written beside ``state.pt``, by subfolder."""
@@ -395,6 +446,7 @@ class RLLoop:
             result = {"eval/return": self.last_eval_return}
         if self.last_checkpoint_env_step != self.env_steps:
             self.save()
+        self.envs.close()
         self.progress.log(
             f"done: {self.env_steps:,} env steps, {self.episodes} episodes, "
             f"final eval return {result['eval/return']:.1f}"
@@ -412,6 +464,13 @@ class RLLoop:
             "loop": {
                 **{key: getattr(self, key) for key in self.POSITION},
                 "rng": self.rng.bit_generator.state,
+                "num_envs": self.num_envs,
+                # Where each env's episode stood: a resumed run starts new episodes (env state is
+                # not saved), and COVR bootstraps the cut segments of D_f from these.
+                "lane_obs": [
+                    None if obs is None else torch.from_numpy(np.array(obs))
+                    for obs in self.lane_obs
+                ],
             },
             "mlflow_run_id": self.mlflow_run_id,
             "rng": ckpt.capture_rng_state(),
@@ -454,12 +513,25 @@ class RLLoop:
                 f"({str(err).splitlines()[0][:160]})",
                 fix,
             ) from err
+        saved_envs = int(state["loop"].get("num_envs", 1))
+        if (
+            saved_envs != self.num_envs
+        ):  # checked first: the replay streams would refuse less clearly
+            raise ConfigError(
+                f"checkpoint {checkpoint} was written with run.num_envs={saved_envs}, the recipe "
+                f"has {self.num_envs}",
+                f"resume with run.num_envs={saved_envs}",
+            )
         for folder, store in self.checkpoint_stores().items():
             store.load(checkpoint / folder)
         loop = state["loop"]
+        loop.setdefault("episodes_started", loop["episodes"])  # checkpoints before num_envs
         for key in self.POSITION:
             setattr(self, key, loop[key])
         self.rng.bit_generator.state = loop["rng"]
+        self.resumed_lane_obs = [
+            None if obs is None else obs.numpy() for obs in loop.get("lane_obs", [None])
+        ]
         self.mlflow_run_id = state.get("mlflow_run_id")
         self.load_extra_state(state, checkpoint)
         ckpt.restore_rng_state(state["rng"])
