@@ -5,18 +5,19 @@ package is an optional extra, imported when an env is built, never when this mod
 step* is one server tick of ``fixed_delta_seconds`` (0.05 s, synchronous mode); one *agent step*
 (one call of :meth:`CarlaEnv.step`) holds the action for ``action_repeat`` ticks.
 
-Protocol. The DBC / ResAct CARLA setup (Zhang et al., ICLR 2021, ``CARLA_0.9.6/.../carla_env.py``
-in facebookresearch/deep_bisim4control, used unchanged by LiuZhenxian123/ResAct): Town04's
-highway (road 45, lanes -1..-4), the ego car starting at s = 100 m at rest, 20 cars on the Traffic
-Manager's autopilot ahead and beside it, 1000-tick (50 s) episodes, action repeat 4, 84 px
-frames from cameras 1.6 m ahead of the car's centre and 1.7 m up, 60 degrees each. Per tick:
+Protocol. The CARLA environment of DBC (Zhang et al., ICLR 2021; facebookresearch/
+deep_bisim4control), which ResAct (Liu et al., AAAI 2025) uses unchanged: Town04's highway, the
+ego car starting at rest, traffic on the Traffic Manager's autopilot, 1000-tick (50 s) episodes,
+action repeat 4, 84 px frames from 60-degree cameras 1.6 m ahead of the car's centre and 1.7 m
+up. Road 45 at s = 100 m and 20 cars at s in [100, 300] m follow DBC's ``CARLA_0.9.8`` env; the
+reward follows its ``CARLA_0.9.6`` env (the one ResAct ships). Per tick:
 
     r = v_ego . u_highway * dt - lambda_i * impulse - lambda_s * |steer|
 
 with u_highway the lane's direction 5 m ahead, impulse the norm of the collision impulses (N s)
 reported in the tick, lambda_i = 1e-4 and lambda_s = 1. Like DBC, an agent step's reward is the
 *mean* over its ticks (``reward_aggregation="mean"``), which puts the paper's episode rewards on
-the scale of metres / action repeat; ``"sum"`` is the alternative.
+the scale of metres / action repeat; ``"sum"`` is the alternative. ``docs/carla.md`` has sources.
 
 Episode end. ``terminated``: off the driving lanes, the road runs out, slower than 0.1 m/s for
 ``stuck_env_steps`` ticks in a row, a tick's collision impulse at or above
@@ -273,7 +274,8 @@ class _Server:
             client.set_timeout(max(self.timeout, 120.0))  # loading a town takes tens of seconds
             world = client.load_world(TOWN)
             client.set_timeout(self.timeout)
-        self.original_settings = world.get_settings()
+        if not hasattr(self, "original_settings"):  # a reconnect finds our own settings
+            self.original_settings = world.get_settings()
         settings = world.get_settings()
         settings.synchronous_mode = True
         settings.fixed_delta_seconds = self.delta
