@@ -39,13 +39,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _lock_file(port: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"covr-lightning-carla-localhost-{port}.lock"
+
+
 @pytest.fixture
 def fake(monkeypatch):
     """The fake client imported as ``carla``, one fake server on a free port, empty registries."""
     monkeypatch.setitem(sys.modules, "carla", fake_carla)
     monkeypatch.setattr(carla_env, "_SERVERS", {})
     monkeypatch.setattr(fake_carla, "SERVERS", {})
-    return fake_carla.serve(_free_port())
+    server = fake_carla.serve(_free_port())
+    yield server
+    _lock_file(server.port).unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -326,8 +332,7 @@ def test_two_envs_share_the_world_by_parking_each_other(make_env, fake):
 
 @pytest.mark.skipif(carla_env.fcntl is None, reason="the server lock needs fcntl")
 def test_a_server_driven_by_another_process_is_refused(make_env, fake):
-    path = Path(tempfile.gettempdir()) / f"covr-lightning-carla-localhost-{fake.port}.lock"
-    with open(path, "a+") as handle:
+    with open(_lock_file(fake.port), "a+") as handle:
         carla_env.fcntl.flock(handle, carla_env.fcntl.LOCK_EX | carla_env.fcntl.LOCK_NB)
         with pytest.raises(
             ConfigError, match=f"already drives the CARLA server at localhost:{fake.port}"
@@ -381,6 +386,7 @@ def test_no_server_names_the_port_and_how_to_start_one(fake):
     port = _free_port()
     with pytest.raises(ConfigError) as err:
         CarlaEnv(port=port, timeout=1.0)
+    _lock_file(port).unlink()  # taken and released again
     line = err.value.line()
     assert f"no CARLA server answered at localhost:{port}" in line
     assert "CarlaUE4.sh -RenderOffScreen" in line and "carlasim/carla" in line
@@ -416,6 +422,7 @@ def test_bad_options_are_config_errors_before_connecting(options, message):
 def test_fit_without_a_server_exits_2_with_one_line(fake, workdir, capsys):
     port = _free_port()
     code = main(["fit", "--recipe", "carla_highway", f"env.port={port}", "env.timeout=1"])
+    _lock_file(port).unlink(missing_ok=True)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert f"localhost:{port}" in err and "CarlaUE4.sh -RenderOffScreen" in err
@@ -444,6 +451,7 @@ def test_real_client_without_a_server_exits_2_naming_the_port(workdir):
         text=True,
         timeout=300,
     )
+    _lock_file(port).unlink(missing_ok=True)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert f"localhost:{port}" in lines[0] and "carlasim/carla:0.9.16" in lines[0]
