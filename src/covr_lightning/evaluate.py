@@ -183,6 +183,8 @@ class EvaluationResult:
         agent_steps: Agent steps (policy calls) of each episode.
         seed: The evaluation seed.
         frames: ``(agent_steps[0] + 1)`` RGB frames of the first episode when recorded.
+        episode_metrics: Per-episode values of the env's ``episode_metrics`` info keys (CARLA:
+            ``driving_distance``, ``dbc_distance``), read from each episode's last step.
         video: Path of the written video, if any.
         mlflow_run_id: The MLflow run the metrics went to (``None``: not logged).
     """
@@ -191,6 +193,7 @@ class EvaluationResult:
     agent_steps: list[int]
     seed: int
     frames: list[np.ndarray] = field(default_factory=list, repr=False)
+    episode_metrics: dict[str, list[float]] = field(default_factory=dict)
     video: Path | None = None
     mlflow_run_id: str | None = None
 
@@ -222,6 +225,8 @@ def run_episodes(
         The returns, the episode lengths and the frames.
     """
     result = EvaluationResult(returns=[], agent_steps=[], seed=seed)
+    keys = tuple(getattr(env, "episode_metrics", ()))
+    result.episode_metrics = {key: [] for key in keys}
     for index in range(episodes):
         keep = record and index == 0
         obs, _ = env.reset(seed=episode_seed(seed, index))
@@ -229,12 +234,14 @@ def run_episodes(
             result.frames.append(env.render(video_size, video_size))
         done, total, steps = False, 0.0, 0
         while not done:
-            obs, reward, terminated, truncated, _ = env.step(policy.act(obs, deterministic=True))
+            obs, reward, terminated, truncated, info = env.step(policy.act(obs, deterministic=True))
             total += float(reward)
             steps += 1
             done = terminated or truncated
             if keep:
                 result.frames.append(env.render(video_size, video_size))
+        for key in keys:
+            result.episode_metrics[key].append(float(info.get(key, np.nan)))
         result.returns.append(total)
         result.agent_steps.append(steps)
     return result
@@ -376,6 +383,10 @@ def log_to_mlflow(
             metrics=[
                 Metric(METRIC_MEAN, result.mean, now, loaded.env_steps),
                 Metric(METRIC_STD, result.std, now, loaded.env_steps),
+                *(
+                    Metric(f"evaluate/{key}_mean", float(np.mean(values)), now, loaded.env_steps)
+                    for key, values in result.episode_metrics.items()
+                ),
             ],
         )
         if result.video is not None:
@@ -457,12 +468,17 @@ def print_result(loaded_path: str, result: EvaluationResult) -> None:
     table.add_column("episode", justify="right")
     table.add_column("agent steps", justify="right")
     table.add_column("return", justify="right")
+    for key in result.episode_metrics:
+        table.add_column(key.replace("_", " "), justify="right")
     for index, (ret, steps) in enumerate(zip(result.returns, result.agent_steps, strict=True)):
-        table.add_row(str(index), str(steps), f"{ret:.2f}")
+        extra = [f"{values[index]:.1f}" for values in result.episode_metrics.values()]
+        table.add_row(str(index), str(steps), f"{ret:.2f}", *extra)
     console.print(table)
     console.print(
         f"return mean {result.mean:.2f}  std {result.std:.2f}  over {len(result.returns)} episodes"
     )
+    for key, values in result.episode_metrics.items():
+        console.print(f"{key} mean {np.mean(values):.1f}  std {np.std(values):.1f}")
     if result.video is not None:
         console.print(f"video {result.video} ({len(result.frames)} frames)")
 

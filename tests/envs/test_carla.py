@@ -550,6 +550,16 @@ def test_carla_recipe_trains_on_the_fake_client(name, fake, workdir):
     loop.fit()
     assert loop.updates >= 3 and loop.module.update_step == loop.updates
     assert fake.ticks >= 24
-    for env in carla_env._OPEN_ENVS:  # what the loop left open (the process exit closes them)
-        env.close()
+    # The evaluation reports the driving distance beside the return.
+    assert set(loop.last_eval_metrics) == {"driving_distance", "dbc_distance"}
+    assert all(math.isfinite(v) for v in loop.last_eval_metrics["driving_distance"])
+    # fit() closed the training and evaluation envs: every actor is gone, the server is async.
     assert fake.actors == {} and not fake.settings.synchronous_mode
+
+
+def test_more_than_one_training_env_is_refused_up_front(fake, workdir):
+    from covr_lightning.loop.covr_loop import COVRLoop
+
+    cfg = load_recipe("carla_highway", [*TINY_CARLA, f"env.port={fake.port}", "run.num_envs=2"])
+    with pytest.raises(ConfigError, match="set run.num_envs=1"):
+        COVRLoop(cfg)

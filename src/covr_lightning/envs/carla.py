@@ -433,6 +433,10 @@ class CarlaEnv(gymnasium.Env):
 
     metadata = {"render_modes": ["rgb_array"]}
     codec_kind = "carla"
+    max_num_envs = 1
+    """One synchronous world serves one process: the loop refuses run.num_envs > 1 up front."""
+    episode_metrics = ("driving_distance", "dbc_distance")
+    """Info keys the loop and ``evaluate`` report per episode (``rl/``, ``eval/`` metrics)."""
     """Action codec family of the VLM: (throttle-brake, steer) as phrases."""
     default_action_repeat = staticmethod(default_action_repeat)
 

@@ -35,6 +35,7 @@ from covr_lightning.config import (
     TrackingConfig,
     config_to_dict,
     dump_config,
+    import_class,
     instantiate,
 )
 from covr_lightning.envs.vector import EnvPool, env_factories
@@ -109,12 +110,22 @@ class RLLoop:
         )
         self.fabric.seed_everything(self.run.seed, verbose=False)
 
+        env_class = import_class(cfg.env.class_path)
+        most = getattr(env_class, "max_num_envs", None)
+        if not 1 <= self.run.num_envs <= (most or self.run.num_envs):
+            raise ConfigError(
+                f"run.num_envs={self.run.num_envs}, but {env_class.__name__} runs 1 to "
+                f"{most or 'any number of'} training env(s) per run",
+                f"set run.num_envs={most or 1}",
+            )
         self.eval_env = instantiate(cfg.env, seed=self.run.seed + 100_003)
         self._check_env(self.eval_env)
         # An in-process env of the recipe whose attributes (spaces, frame shape, repeat, codec,
         # task) size everything; the training envs below may live in other processes.
         self.env = self.eval_env
         self.num_envs = self.run.num_envs
+        # Info keys the env reports per episode (CARLA: driving distance), logged at episode end.
+        self.episode_metric_keys = tuple(getattr(self.env, "episode_metrics", ()))
         init_args = cfg.env.init_args.as_dict() if cfg.env.get("init_args") else {}
         seeds = [self.run.seed + i for i in range(self.num_envs)]
         self.envs = EnvPool(env_factories(cfg.env.class_path, init_args, seeds))
@@ -163,6 +174,8 @@ class RLLoop:
         self.lane_obs: list[np.ndarray | None] = [None] * self.num_envs
         self.lane_return = np.zeros(self.num_envs)
         self.lane_start_env_step = np.zeros(self.num_envs, dtype=np.int64)
+        self.lane_info: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        self.last_eval_metrics: dict[str, list[float]] = {}  # per-episode env metrics of the eval
         self.resumed_lane_obs: list[np.ndarray | None] = [None] * self.num_envs  # set by load()
         self.build_extras()
         if self.resume_from is not None:
@@ -290,6 +303,7 @@ class RLLoop:
                     bool(truncated[lane]),
                 )
                 self.lane_obs[lane] = next_obs[lane]
+                self.lane_info[lane] = infos[lane]
                 if terminated[lane] or truncated[lane]:
                     ended.append(lane)
 
@@ -330,14 +344,15 @@ class RLLoop:
         episode_return = float(self.lane_return[lane])
         self.last_episode_return = episode_return
         self.progress.episode(episode_return)
-        self.tracker.log_metrics(
-            {
-                "rl/episode_return": episode_return,
-                "rl/episode_env_steps": int(self.env_steps - self.lane_start_env_step[lane]),
-                "rl/episodes": self.episodes,
-            },
-            step=self.env_steps,
-        )
+        metrics = {
+            "rl/episode_return": episode_return,
+            "rl/episode_env_steps": int(self.env_steps - self.lane_start_env_step[lane]),
+            "rl/episodes": self.episodes,
+        }
+        for key in self.episode_metric_keys:
+            if key in self.lane_info[lane]:
+                metrics[f"rl/{key}"] = float(self.lane_info[lane][key])
+        self.tracker.log_metrics(metrics, step=self.env_steps)
 
     def select_actions(self, obs: np.ndarray) -> np.ndarray:
         """``(N, A)`` actions for the ``(N, ...)`` observations of the envs.
@@ -414,16 +429,19 @@ class RLLoop:
     def evaluate(self, episodes: int) -> list[float]:
         """Returns of ``episodes`` episodes of the deterministic policy on the eval env."""
         returns = []
+        self.last_eval_metrics = {key: [] for key in self.episode_metric_keys}
         for _ in range(episodes):
             obs, _ = self.eval_env.reset()
             done, total = False, 0.0
             while not done:
-                obs, reward, terminated, truncated, _ = self.eval_env.step(
+                obs, reward, terminated, truncated, info = self.eval_env.step(
                     self.module.act(obs, deterministic=True)
                 )
                 total += float(reward)
                 done = terminated or truncated
             returns.append(total)
+            for key in self.episode_metric_keys:
+                self.last_eval_metrics[key].append(float(info.get(key, math.nan)))
         return returns
 
     def evaluate_and_log(self) -> dict[str, float]:
@@ -434,6 +452,9 @@ class RLLoop:
         self.last_eval_env_step = self.env_steps
         self.progress.evaluation(self.env_steps, mean, std)
         metrics = {"eval/return": mean, "eval/return_std": std}
+        metrics.update(
+            {f"eval/{key}": float(np.mean(v)) for key, v in self.last_eval_metrics.items()}
+        )
         self.tracker.log_metrics(metrics, step=self.env_steps)
         self.next_eval_at = next_multiple(self.env_steps, self.run.eval_every_env_steps)
         return metrics
@@ -446,12 +467,20 @@ class RLLoop:
             result = {"eval/return": self.last_eval_return}
         if self.last_checkpoint_env_step != self.env_steps:
             self.save()
-        self.envs.close()
+        self.close()
         self.progress.log(
             f"done: {self.env_steps:,} env steps, {self.episodes} episodes, "
             f"final eval return {result['eval/return']:.1f}"
         )
         return result
+
+    def close(self) -> None:
+        """Close the training envs (stopping their workers) and the evaluation env.
+
+        CARLA needs this: its envs hold actors and the synchronous mode of a shared server.
+        """
+        self.envs.close()
+        self.eval_env.close()
 
     # ------------------------------------------------------------------ checkpoints
 
