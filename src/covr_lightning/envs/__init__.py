@@ -1,5 +1,14 @@
-"""Environments behind the gymnasium API (env step = one physics control step)."""
+"""Environments behind the gymnasium API (env step = one physics control step).
 
-from covr_lightning.envs.dmc import DMCEnv
+Importing this package loads none of the optional simulators: ``carla`` is imported when a
+:class:`CarlaEnv` is built, Box2D and pygame when a :class:`CarRacingEnv` is.
+"""
 
-__all__ = ["DMCEnv"]
+# dmc first: it picks MuJoCo's headless GL backend, which only works before anything imports MuJoCo.
+from covr_lightning.envs.dmc import DMCEnv  # isort: skip
+
+from covr_lightning.envs.car_racing import CarRacingEnv
+from covr_lightning.envs.carla import CarlaEnv
+from covr_lightning.envs.vector import EnvPool
+
+__all__ = ["CarRacingEnv", "CarlaEnv", "DMCEnv", "EnvPool"]
