@@ -1,4 +1,4 @@
-"""``covr-lightning``: train from a recipe, list recipes.
+"""``covr-lightning``: train from a recipe (one seed, or a sweep with ``--seeds``), list recipes.
 
 Every user error (unknown recipe, unknown key, wrong type, unwritable directory, corrupt
 checkpoint, diverged training) ends with one line on stderr naming the problem and the fix and
@@ -38,7 +38,8 @@ def build_cli() -> argparse.ArgumentParser:
     fit = commands.add_parser(
         "fit",
         help="train from a recipe",
-        description="Train from a recipe. Overrides are dotted.key=value (policy.actor_lr=3e-4).",
+        description="Train from a recipe. Overrides are dotted.key=value (policy.actor_lr=3e-4). "
+        "With --seeds, one run per seed under one MLflow parent run that logs the aggregate.",
     )
     fit.add_argument("--recipe", required=True, help="packaged recipe name or path to a YAML file")
     fit.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
@@ -48,6 +49,19 @@ def build_cli() -> argparse.ArgumentParser:
     fit.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and the plan, then exit"
     )
+    fit.add_argument(
+        "--seeds",
+        metavar="LIST",
+        help="run one fit per seed (1,2,3 or 1-5) under one MLflow parent run (docs/comparing.md)",
+    )
+    fit.add_argument(
+        "--parallel",
+        type=int,
+        metavar="N",
+        help="with --seeds: run N seeds at a time as subprocesses (default 1: one after another)",
+    )
+    # Set by a sweep on the fits it launches (--parallel): their runs become the parent's children.
+    fit.add_argument("--parent-run-id", help=argparse.SUPPRESS)
     fit.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
     commands.add_parser("recipes", help="list the packaged recipes")
@@ -128,6 +142,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from covr_lightning.loop.plan import plan_table, schedule_of
     from covr_lightning.loop.rl_loop import run_directory
 
+    if args.seeds is not None:
+        from covr_lightning.tracking.sweep import run_sweep
+
+        return run_sweep(args)
+    if args.parallel is not None:
+        raise ConfigError("--parallel without --seeds", "add --seeds, e.g. --seeds 1,2,3")
     cfg = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
         print(dump_config(cfg), end="")
@@ -136,7 +156,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
             Console().print(rounds)
         return 0
     loop = COVRLoop(cfg, resume=args.resume)  # validates the run dir and loads a checkpoint first
-    Console(stderr=True).print(plan_table(cfg, loop.run_dir))
+    if args.parent_run_id:  # one seed of a sweep: the sweep printed the plan once
+        loop.tracker.parent_run_id = args.parent_run_id
+    else:
+        Console(stderr=True).print(plan_table(cfg, loop.run_dir))
     loop.fit()
     return 0
 

@@ -6,6 +6,7 @@ import mlflow
 
 from covr_lightning.tracking.mlflow import (
     DEFAULT_TRACKING_URI,
+    PARENT_RUN_TAG,
     MLflowTracker,
     flatten,
     resolve_tracking_uri,
@@ -53,3 +54,21 @@ def test_disabled_tracker_is_silent(workdir):
     tracker.log_metrics({"a": 1.0}, step=1)
     tracker.finish()
     assert not (workdir / "mlflow.db").exists()
+
+
+def test_child_run_is_tagged_with_its_parent_and_tags_can_be_removed(workdir):
+    config_file = workdir / "config.yaml"
+    config_file.write_text("run:\n  seed: 1\n")
+    parent = MLflowTracker("exp")
+    parent_id = parent.start("sweep", {"run": {"seed": "1,2"}}, None, tags={"covr.sweep": "true"})
+    parent.set_tags({"covr.failed_seeds": "2"})
+    parent.delete_tags(["covr.failed_seeds", "never.set"])
+    child = MLflowTracker("exp", parent_run_id=parent_id)
+    child_id = child.start("sweep-seed1", {"run": {"seed": 1}}, config_file)
+
+    client = mlflow.MlflowClient(tracking_uri=parent.uri)
+    assert client.get_run(child_id).data.tags[PARENT_RUN_TAG] == parent_id
+    tags = client.get_run(parent_id).data.tags
+    assert PARENT_RUN_TAG not in tags and "covr.failed_seeds" not in tags
+    assert tags["covr.sweep"] == "true"
+    assert client.list_artifacts(parent_id) == []  # no config file given: no artifact

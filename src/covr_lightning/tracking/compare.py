@@ -5,7 +5,8 @@ gives, at the final budget (each run's last value of the metric) and at chosen e
 run's value at its last logged step <= that env step), the number of runs, mean, std (sample,
 ddof=1), median and IQM with a stratified bootstrap 95 % CI across seeds (rliable). The table is
 printed and written as ``comparison.md`` / ``comparison.csv``; learning curves (mean and 95 %
-bootstrap CI of the mean, per group) go to ``learning_curves.png``. See ``docs/comparing.md``.
+bootstrap CI of the mean, per group) go to ``learning_curves.png``. The parent run of a seed sweep
+(``fit --seeds``) is left out; its children are the runs. See ``docs/comparing.md``.
 """
 
 from __future__ import annotations
@@ -170,10 +171,49 @@ def group_value(params: dict[str, str], key: str, run_name: str) -> str:
     return params.get(key, "-")
 
 
+SWEEP_TAG = "covr.sweep"
+"""Tag of a seed sweep's parent run (``fit --seeds``): it holds aggregates, not a seed's curve."""
+
+
+def is_sweep_parent(tags: dict[str, str]) -> bool:
+    """Whether a run is the parent of a seed sweep (never compared as a run of its own)."""
+    return _truthy(tags.get(SWEEP_TAG))
+
+
+def read_curve(client, run, metric: str) -> RunCurve | None:
+    """One run's history of ``metric`` from MLflow; ``None`` when it never logged it."""
+    if metric not in run.data.metrics:
+        return None
+    by_step: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run.info.run_id, metric):
+        # A resumed run may log a step twice: the later value wins.
+        if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
+            by_step[m.step] = (m.timestamp, m.value)
+    steps = np.array(sorted(by_step), dtype=float)
+    values = np.array([by_step[int(s)][1] for s in steps], dtype=float)
+    return RunCurve(run.info.run_id, run.info.run_name or "", dict(run.data.params), steps, values)
+
+
+def search_all_runs(client, experiment_id: str, filter_string: str = "") -> list:
+    """Every run of an experiment matching ``filter_string`` (MLflow pages by 1000)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string, max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
 def load_runs(
     experiment: str, metric: str, include_unfinished: bool = False, uri: str = ""
 ) -> list[RunCurve]:
     """Read the metric history of every (finished) run of ``experiment``.
+
+    Parents of seed sweeps (tag ``covr.sweep``) are left out: they hold the sweep's aggregates,
+    and their children (``<name>-seedS``) are the runs.
 
     Raises:
         ConfigError: Unknown experiment, no finished runs, or the metric was never logged.
@@ -195,13 +235,9 @@ def load_runs(
             "pass --experiment with one of those names (tracking.experiment of the recipe), "
             "or point MLFLOW_TRACKING_URI at the store the runs were logged to",
         )
-    runs, token = [], None
-    while True:
-        page = client.search_runs([found.experiment_id], max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
+    runs = [
+        r for r in search_all_runs(client, found.experiment_id) if not is_sweep_parent(r.data.tags)
+    ]
     statuses = [r.info.status for r in runs]
     if not include_unfinished:
         runs = [r for r in runs if r.info.status == "FINISHED"]
@@ -214,18 +250,8 @@ def load_runs(
     curves, seen_metrics = [], set()
     for run in runs:
         seen_metrics.update(run.data.metrics)
-        if metric not in run.data.metrics:
-            continue
-        history = client.get_metric_history(run.info.run_id, metric)
-        by_step: dict[int, tuple[int, float]] = {}
-        for m in history:  # a resumed run may log a step twice: the later value wins
-            if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
-                by_step[m.step] = (m.timestamp, m.value)
-        steps = np.array(sorted(by_step), dtype=float)
-        values = np.array([by_step[int(s)][1] for s in steps], dtype=float)
-        curves.append(
-            RunCurve(run.info.run_id, run.info.run_name or "", dict(run.data.params), steps, values)
-        )
+        if (curve := read_curve(client, run, metric)) is not None:
+            curves.append(curve)
     if not curves:
         raise ConfigError(
             f"metric {metric!r} was never logged by the runs of {experiment!r} (logged: "
@@ -243,23 +269,29 @@ def group_runs(curves: list[RunCurve], group_by: list[str]) -> list[Group]:
     return [groups[k] for k in sorted(groups)]
 
 
-def summarize(values: list[float]) -> dict[str, Any]:
-    """n, mean, std (ddof=1), median, IQM and its bootstrap 95 % CI; blanks when n == 0."""
+def summarize(values: list[float], ci: bool = True) -> dict[str, Any]:
+    """n, mean, std (ddof=1), median, IQM and its bootstrap 95 % CI; blanks when n == 0.
+
+    Args:
+        values: One score per run (seed).
+        ci: Compute the IQM's bootstrap CI (about half a second); without it the IQM is
+            :func:`iqm` and the CI keys are left out.
+    """
     n = len(values)
     if n == 0:
         return {"n": 0, "mean": math.nan, "std": math.nan, "median": math.nan,
                 "iqm": math.nan, "iqm_ci_low": math.nan, "iqm_ci_high": math.nan}  # fmt: skip
     array = np.asarray(values, dtype=float)
-    point, low, high = bootstrap_ci(array, "iqm")
-    return {
+    summary = {
         "n": n,
         "mean": float(array.mean()),
         "std": float(array.std(ddof=1)) if n > 1 else 0.0,
         "median": float(np.median(array)),
-        "iqm": point,
-        "iqm_ci_low": low,
-        "iqm_ci_high": high,
     }
+    if not ci:
+        return {**summary, "iqm": iqm(array)}
+    point, low, high = bootstrap_ci(array, "iqm")
+    return {**summary, "iqm": point, "iqm_ci_low": low, "iqm_ci_high": high}
 
 
 def comparison_rows(
@@ -322,6 +354,16 @@ def write_markdown(
     path.write_text("\n".join(lines) + "\n")
 
 
+def step_grid(runs: list[RunCurve]) -> np.ndarray:
+    """The union of the runs' logged env steps: where curves across runs are evaluated."""
+    return np.unique(np.concatenate([r.steps for r in runs]))
+
+
+def values_at(runs: list[RunCurve], env_step: float) -> list[float]:
+    """Each run's value at ``env_step`` (last logged step <= it), only within its logged span."""
+    return [r.at(env_step) for r in runs if r.steps[0] <= env_step <= r.steps[-1]]  # type: ignore[misc]
+
+
 def learning_curves(
     groups: list[Group], group_by: list[str], metric: str, path: Path, title: str
 ) -> None:
@@ -335,10 +377,10 @@ def learning_curves(
     figure = Figure(figsize=(8, 5), dpi=120)
     axes = figure.add_subplot()
     for index, group in enumerate(groups):
-        grid = np.unique(np.concatenate([r.steps for r in group.runs]))
+        grid = step_grid(group.runs)
         means, lows, highs = [], [], []
         for step in grid:
-            vals = [r.at(step) for r in group.runs if r.steps[0] <= step <= r.steps[-1]]
+            vals = values_at(group.runs, step)
             mean, low, high = bootstrap_ci(np.array(vals), "mean", reps=CURVE_BOOTSTRAP_REPS)
             means.append(mean)
             lows.append(low)
@@ -376,25 +418,24 @@ def parse_steps(text: str) -> list[int]:
     return steps
 
 
-def compare(
-    experiment: str,
+def write_comparison(
+    curves: list[RunCurve],
+    group_by: list[str],
+    at_env_steps: list[int],
+    out: Path,
+    title: str,
     metric: str = DEFAULT_METRIC,
-    group_by: list[str] | None = None,
-    at_env_steps: list[int] | None = None,
-    out: Path | None = None,
-    include_unfinished: bool = False,
-) -> tuple[list[dict[str, Any]], Path]:
-    """Read, group, summarize and write the comparison; returns the rows and the output folder."""
-    group_by = group_by or [DEFAULT_GROUP_BY]
-    at_env_steps = at_env_steps or []
-    curves = load_runs(experiment, metric, include_unfinished)
+) -> list[dict[str, Any]]:
+    """Group and summarize ``curves``; write comparison.md/.csv and learning_curves.png to ``out``.
+
+    Raises:
+        ConfigError: ``out`` cannot be written.
+    """
     groups = group_runs(curves, group_by)
     rows = comparison_rows(groups, group_by, at_env_steps)
-    out = out or Path("comparison") / re.sub(r"[^\w.-]+", "_", experiment)
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_csv(rows, out / "comparison.csv")
-        title = f"{experiment}: {metric}"
         notes = (
             f"{len(curves)} runs in {len(groups)} groups by {', '.join(group_by)}. `final`: each "
             "run's last value; an env step: each run's value at its last logged step <= it. "
@@ -409,14 +450,51 @@ def compare(
             f"cannot write the comparison to {out} ({err.strerror or err})",
             "pass --out with a writable folder",
         ) from err
+    return rows
+
+
+COMPARISON_FILES = ("comparison.md", "comparison.csv", "learning_curves.png")
+
+
+def compare(
+    experiment: str,
+    metric: str = DEFAULT_METRIC,
+    group_by: list[str] | None = None,
+    at_env_steps: list[int] | None = None,
+    out: Path | None = None,
+    include_unfinished: bool = False,
+) -> tuple[list[dict[str, Any]], Path]:
+    """Read, group, summarize and write the comparison; returns the rows and the output folder."""
+    group_by = group_by or [DEFAULT_GROUP_BY]
+    curves = load_runs(experiment, metric, include_unfinished)
+    out = out or Path("comparison") / re.sub(r"[^\w.-]+", "_", experiment)
+    rows = write_comparison(
+        curves, group_by, at_env_steps or [], out, f"{experiment}: {metric}", metric
+    )
     return rows, out
+
+
+def print_table(rows: list[dict[str, Any]], group_by: list[str], title: str) -> None:
+    """The comparison as a terminal table (numbers never cut; names and paper fold)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for index, name in enumerate(group_by):  # a narrow terminal folds names, never hides them
+        longest = max([len(name), *(len(_fmt(row[name])) for row in rows)])
+        table.add_column(name, overflow="fold", min_width=min(longest, 12 if index else 24))
+    for name in _COLUMNS:
+        table.add_column(name, no_wrap=name != "paper", min_width=len(name), overflow="fold")
+    for row in rows:
+        table.add_row(*_cells(row, group_by))
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file has no width: keep every column whole
+        console.width = max(console.width, 160)
+    console.print(table)
 
 
 def cmd_compare(args) -> int:
     """The ``compare`` subcommand: print the table, write .md/.csv/.png to ``--out``."""
-    from rich.console import Console
-    from rich.table import Table
-
     group_by = [k.strip() for k in args.group_by.split(",") if k.strip()]
     if not group_by:
         raise ConfigError("--group-by is empty", "pass param keys, e.g. --group-by run.name")
@@ -428,14 +506,6 @@ def cmd_compare(args) -> int:
         Path(args.out) if args.out else None,
         args.include_unfinished,
     )
-    table = Table(title=f"{args.experiment}: {args.metric}", title_justify="left")
-    for name in group_by:
-        table.add_column(name, overflow="fold")
-    for name in _COLUMNS:  # numbers are never cut; a narrow terminal folds names and paper
-        table.add_column(name, no_wrap=name != "paper", min_width=len(name), overflow="fold")
-    for row in rows:
-        table.add_row(*_cells(row, group_by))
-    console = Console()
-    console.print(table)
-    console.print(f"wrote {out}/comparison.md, comparison.csv, learning_curves.png")
+    print_table(rows, group_by, f"{args.experiment}: {args.metric}")
+    print(f"wrote {out}/{', '.join(COMPARISON_FILES)}")
     return 0

@@ -2,7 +2,9 @@
 
 The default store is ``sqlite:///mlflow.db`` in the working directory (MLflow's own default since
 3.7, so a plain ``mlflow ui`` there shows the runs); ``MLFLOW_TRACKING_URI`` or ``tracking.uri``
-override it. A resumed fit continues the MLflow run it started.
+override it. A resumed fit continues the MLflow run it started. A fit that is one seed of a sweep
+(``fit --seeds``) is a child run: ``parent_run_id`` adds MLflow's ``mlflow.parentRunId`` tag, so the
+MLflow UI nests it under the sweep's parent run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from covr_lightning.errors import ConfigError
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 _MAX_PARAM_LENGTH = 6000  # MLflow 3 param value limit
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a child under its parent
 
 
 def resolve_tracking_uri(uri: str = "") -> str:
@@ -47,12 +50,20 @@ class MLflowTracker:
         experiment: Experiment name (created if missing).
         uri: Tracking URI (see :func:`resolve_tracking_uri`).
         enabled: When ``False`` every method is a no-op, so the loop never branches on tracking.
+        parent_run_id: Run id of a seed sweep's parent; a new run becomes its child.
     """
 
-    def __init__(self, experiment: str, uri: str = "", enabled: bool = True) -> None:
+    def __init__(
+        self,
+        experiment: str,
+        uri: str = "",
+        enabled: bool = True,
+        parent_run_id: str | None = None,
+    ) -> None:
         self.enabled = enabled
         self.uri = resolve_tracking_uri(uri)
         self.experiment = experiment
+        self.parent_run_id = parent_run_id
         self.run_id: str | None = None
         self._client = None
 
@@ -60,11 +71,18 @@ class MLflowTracker:
         self,
         run_name: str,
         config: dict[str, Any],
-        config_file: Path,
+        config_file: Path | None,
         run_id: str | None = None,
         tags: dict[str, str] | None = None,
     ) -> str | None:
         """Open a new run (or reopen ``run_id`` when resuming) and log the config once.
+
+        Args:
+            run_name: MLflow run name.
+            config: Nested config, logged as flattened dotted params.
+            config_file: Logged as an artifact (``None``: none).
+            run_id: Reopen this run instead of creating one (resume); nothing is logged again.
+            tags: Tags of a new run (plus ``mlflow.parentRunId`` when ``parent_run_id`` is set).
 
         Raises:
             ConfigError: The tracking store cannot be opened or written.
@@ -90,7 +108,10 @@ class MLflowTracker:
                 if experiment
                 else self._client.create_experiment(self.experiment)
             )
-            run = self._client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+            tags = dict(tags or {})
+            if self.parent_run_id:
+                tags[PARENT_RUN_TAG] = self.parent_run_id
+            run = self._client.create_run(experiment_id, run_name=run_name, tags=tags)
         except Exception as err:  # MLflow raises MlflowException, sqlalchemy and OS errors
             raise ConfigError(
                 f"cannot open the MLflow store {self.uri} ({type(err).__name__}: "
@@ -104,7 +125,8 @@ class MLflowTracker:
             self._client.log_batch(
                 self.run_id, params=params[start : start + _MAX_PARAMS_PER_BATCH]
             )
-        self._client.log_artifact(self.run_id, str(config_file))
+        if config_file is not None:
+            self._client.log_artifact(self.run_id, str(config_file))
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -121,6 +143,20 @@ class MLflowTracker:
         """Copy a file into the run's artifacts."""
         if self.enabled and self.run_id is not None:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set (or overwrite) tags of the run."""
+        if self.enabled and self.run_id is not None:
+            for key, value in tags.items():
+                self._client.set_tag(self.run_id, key, value)
+
+    def delete_tags(self, keys: list[str]) -> None:
+        """Remove tags of the run that are set (MLflow refuses to delete a missing tag)."""
+        if self.enabled and self.run_id is not None:
+            present = self._client.get_run(self.run_id).data.tags
+            for key in keys:
+                if key in present:
+                    self._client.delete_tag(self.run_id, key)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run with ``FINISHED``, ``KILLED`` or ``FAILED``."""

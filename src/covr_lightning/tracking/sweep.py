@@ -1,0 +1,573 @@
+"""``covr-lightning fit --seeds 1,2,3``: one recipe, several seeds, one MLflow parent run.
+
+Each seed S is an ordinary fit with ``run.seed=S`` and ``run.name=<name>-seedS`` (run directory
+``<run.dir>/<experiment>/<name>-seedS/``), logged as an MLflow child run (tag
+``mlflow.parentRunId``) of one parent run named ``<name>`` (tag ``covr.sweep=true``; params: the
+recipe's config with ``run.seed`` set to the seed list).
+
+- ``--parallel 1`` (default): the seeds run one after another in this process, with the usual
+  console output and progress bar under a header line per seed.
+- ``--parallel N``: N seeds at a time, each a ``python -m covr_lightning fit`` subprocess in its
+  own session (so Ctrl-C reaches the sweep, which stops each child with one SIGTERM: the child
+  checkpoints as a single fit would). A child's whole output goes to ``<its run dir>/fit.log``
+  and each line is echoed as ``seed S | line``; it gets ``cores // N`` torch threads
+  (``OMP_NUM_THREADS``, unless already set) so the children do not oversubscribe the CPU.
+
+A seed that fails does not stop the others. When all have ended, the parent logs the aggregate of
+``eval/return`` over the finished seeds (see :func:`aggregate_metrics`) and the compare table
+and plot as artifacts, then ends FINISHED, or FAILED naming the failed seeds (tag
+``covr.failed_seeds``). ``<run.dir>/<experiment>/<name>/sweep.json`` records the sweep (parent
+run id, each seed's status), so ``--resume last`` continues the same parent: finished seeds are
+kept, the others resume from their last checkpoint (or start, if they have none).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+
+from covr_lightning.errors import ConfigError
+from covr_lightning.tracking.compare import (
+    COMPARISON_FILES,
+    DEFAULT_METRIC,
+    SWEEP_TAG,
+    RunCurve,
+    print_table,
+    read_curve,
+    search_all_runs,
+    step_grid,
+    summarize,
+    values_at,
+    write_comparison,
+)
+from covr_lightning.tracking.mlflow import PARENT_RUN_TAG, MLflowTracker
+
+SWEEP_FILE = "sweep.json"
+FAILED_SEEDS_TAG = "covr.failed_seeds"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI
+STEP_STATS = ("n", "mean", "std", "median", "iqm")
+"""Statistics across seeds the parent logs at each env step (see :func:`aggregate_metrics`)."""
+FINAL_STATS = (*STEP_STATS, "iqm_ci_low", "iqm_ci_high")
+"""... and at the final budget, with the IQM's bootstrap CI (``sweep/final/<metric>_<stat>``)."""
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+_SEED_PART = re.compile(r"(\d+)(?:\s*-\s*(\d+))?")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"1,2,3"`` or ``"1-3"`` or ``"1-3,7"`` -> ``[1, 2, 3(, 7)]``.
+
+    Raises:
+        ConfigError: A part is not a non-negative integer or an ``a-b`` range with a <= b, or a
+            seed repeats.
+    """
+    seeds: list[int] = []
+    for part in text.split(","):
+        match = _SEED_PART.fullmatch(part.strip())
+        if match is None or (match[2] is not None and int(match[2]) < int(match[1])):
+            raise ConfigError(
+                f"--seeds {text!r}: {part.strip()!r} is not a seed or a range of seeds",
+                "pass integers and ranges, e.g. --seeds 1,2,3 or --seeds 1-5",
+            )
+        low = int(match[1])
+        seeds.extend(range(low, int(match[2] or low) + 1))
+    if repeated := sorted({s for s in seeds if seeds.count(s) > 1}):
+        raise ConfigError(f"--seeds {text!r} names seed {repeated[0]} twice", "name each seed once")
+    return seeds
+
+
+def seed_run_name(name: str, seed: int) -> str:
+    """The run name of one seed of a sweep: ``<name>-seed<seed>`` (compare strips the suffix)."""
+    return f"{name}-seed{seed}"
+
+
+def aggregate_metrics(
+    curves: list[RunCurve], metric: str = DEFAULT_METRIC
+) -> dict[int, dict[str, float]]:
+    """The parent's curves: ``env step -> {"sweep/<metric>_<stat>": value}``.
+
+    At each env step any seed logged ``metric``, each seed contributes its value at its last
+    logged step <= that step, within its own logged span (the rule of ``compare``'s curves);
+    the statistics are :func:`~covr_lightning.tracking.compare.summarize`'s without the CI
+    (n, mean, sample std, median, IQM).
+    """
+    points = {}
+    for step in step_grid(curves):
+        summary = summarize(values_at(curves, step), ci=False)
+        points[int(step)] = {f"sweep/{metric}_{k}": float(summary[k]) for k in STEP_STATS}
+    return points
+
+
+@dataclass
+class SeedRun:
+    """One seed of a sweep and how it went (one entry of ``sweep.json``)."""
+
+    seed: int
+    run_name: str
+    run_dir: str
+    status: str = "PENDING"  # PENDING, RUNNING, FINISHED, FAILED, KILLED
+    exit_code: int | None = None
+    seconds: float = 0.0
+    resume: bool = False
+
+
+class Sweep:
+    """Runs the seeds of one recipe under one MLflow parent run.
+
+    Args:
+        recipe: Packaged recipe name or path, as given to ``fit --recipe``.
+        overrides: ``dotted.key=value`` overrides shared by all seeds (never ``run.seed``).
+        seeds: The seeds, in launch order.
+        parallel: Seeds at a time; 1 runs them in this process.
+        resume: ``"last"`` continues the sweep recorded in ``sweep.json``; ``None`` starts one.
+        debug: Show tracebacks of failed seeds.
+    """
+
+    def __init__(
+        self,
+        recipe: str,
+        overrides: list[str],
+        seeds: list[int],
+        parallel: int = 1,
+        resume: str | None = None,
+        debug: bool = False,
+    ) -> None:
+        from covr_lightning.config import load_recipe
+        from covr_lightning.loop.rl_loop import run_directory
+
+        if parallel < 1:
+            raise ConfigError(
+                f"--parallel {parallel} is not a number of seeds at a time",
+                "pass --parallel 1 (one after another) or more",
+            )
+        if any(item.partition("=")[0].strip() == "run.seed" for item in overrides):
+            raise ConfigError(
+                "--seeds and a run.seed= override both set the seed",
+                "drop run.seed=... and list the seeds in --seeds",
+            )
+        if resume not in (None, "last"):
+            raise ConfigError(
+                f"--resume {resume} with --seeds: a sweep resumes all its seeds at once",
+                "pass --resume last (each seed continues from its own last checkpoint)",
+            )
+        self.recipe, self.overrides, self.seeds = recipe, list(overrides), seeds
+        self.parallel, self.resume, self.debug = parallel, resume, debug
+        self.cfg: Namespace = load_recipe(recipe, overrides)  # validates the shared overrides
+        self.name = self.cfg.run.name
+        self.sweep_dir = run_directory(self.cfg)
+        self.runs = [
+            SeedRun(
+                s,
+                seed_run_name(self.name, s),
+                str(self.sweep_dir.parent / seed_run_name(self.name, s)),
+            )
+            for s in seeds
+        ]
+        self.tracker = MLflowTracker(
+            self.cfg.tracking.experiment, self.cfg.tracking.uri, self.cfg.tracking.enabled
+        )
+        self.parent_run_id: str | None = None
+        self._print_lock = threading.Lock()
+
+    @property
+    def sweep_file(self) -> Path:
+        return self.sweep_dir / SWEEP_FILE
+
+    def child_overrides(self, run: SeedRun) -> list[str]:
+        return [*self.overrides, f"run.seed={run.seed}", f"run.name={run.run_name}"]
+
+    # ------------------------------------------------------------------ plan and state
+
+    def plan(self):
+        """The training plan of one seed plus the sweep's rows (a rich Table)."""
+        from covr_lightning.loop.plan import plan_table
+
+        table = plan_table(self.cfg, self.sweep_dir.parent / f"{self.name}-seed<S>")
+        how = "one after another" if self.parallel == 1 else f"{self.parallel} at a time"
+        table.add_row("seeds", f"{', '.join(map(str, self.seeds))} ({how})")
+        table.add_row("sweep record", str(self.sweep_file))
+        return table
+
+    def _prepare(self) -> None:
+        """Check the run directories and load the recorded sweep when resuming.
+
+        Raises:
+            ConfigError: A fresh sweep would overwrite a sweep or a seed's run, a resumed one has
+                no record or other seeds, or the directory is not writable.
+        """
+        from covr_lightning.loop.checkpoint import latest_checkpoint
+
+        try:
+            self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot write the run directory {self.sweep_dir} ({err.strerror or err})",
+                "set run.dir to a writable folder",
+            ) from err
+        if self.resume is None:
+            if self.sweep_file.is_file():
+                raise ConfigError(
+                    f"{self.sweep_dir} already holds a sweep ({SWEEP_FILE})",
+                    "continue it with --resume last, or start a new one with run.name=NEW",
+                )
+            for run in self.runs:
+                if latest_checkpoint(Path(run.run_dir)) is not None:
+                    raise ConfigError(
+                        f"{run.run_dir} already holds a run with checkpoints",
+                        "start the sweep under a new name with run.name=NEW",
+                    )
+            return
+        if not self.sweep_file.is_file():
+            raise ConfigError(
+                f"no sweep to resume in {self.sweep_dir} (no {SWEEP_FILE})",
+                "start it without --resume, or pass the run.name it was started with",
+            )
+        recorded = json.loads(self.sweep_file.read_text())
+        if recorded["seeds"] != self.seeds:
+            raise ConfigError(
+                f"the sweep in {self.sweep_dir} ran seeds "
+                f"{','.join(map(str, recorded['seeds']))}, not {','.join(map(str, self.seeds))}",
+                f"resume with --seeds {','.join(map(str, recorded['seeds']))}, or start a new "
+                "sweep with run.name=NEW",
+            )
+        self.parent_run_id = recorded.get("parent_run_id")
+        previous = {r["seed"]: r for r in recorded["runs"]}
+        for run in self.runs:
+            if previous.get(run.seed, {}).get("status") == "FINISHED":
+                run.status, run.exit_code = "FINISHED", 0
+                run.seconds = previous[run.seed].get("seconds", 0.0)
+            else:
+                run.resume = latest_checkpoint(Path(run.run_dir)) is not None
+
+    def _save(self, status: str) -> None:
+        record = {
+            "recipe": self.recipe,
+            "overrides": self.overrides,
+            "seeds": self.seeds,
+            "status": status,
+            "experiment": self.tracker.experiment,
+            "tracking_uri": self.tracker.uri if self.tracker.enabled else None,
+            "parent_run_id": self.parent_run_id,
+            "runs": [asdict(r) for r in self.runs],
+        }
+        tmp = self.sweep_file.with_name(f".{SWEEP_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, self.sweep_file)
+
+    def _open_parent(self) -> None:
+        from covr_lightning.config import config_to_dict
+
+        config = config_to_dict(self.cfg)
+        config["run"]["seed"] = ",".join(map(str, self.seeds))
+        self.parent_run_id = self.tracker.start(
+            run_name=self.name,
+            config=config,
+            config_file=None,
+            run_id=self.parent_run_id,
+            tags={
+                SWEEP_TAG: "true",
+                "covr.seeds": ",".join(map(str, self.seeds)),
+                "run_dir": str(self.sweep_dir.resolve()),
+            },
+        )
+
+    # ------------------------------------------------------------------ running the seeds
+
+    def run(self) -> int:
+        """Run every seed not finished yet, aggregate, close the parent; the exit code.
+
+        Returns:
+            0 when every seed finished; 2 when every failed seed failed with a user error (a
+            ``ConfigError``, exit 2 of its fit); 1 otherwise.
+
+        Raises:
+            ConfigError: Before any seed runs (see :meth:`_prepare`), or the store cannot be opened.
+            KeyboardInterrupt: Ctrl-C or SIGTERM; running seeds checkpoint, the parent is KILLED.
+        """
+        from rich.console import Console
+
+        self._prepare()
+        Console(stderr=True).print(self.plan())
+        self._open_parent()
+        status = "FAILED"
+        self._save("RUNNING")
+        try:
+            todo = [r for r in self.runs if r.status != "FINISHED"]
+            if self.parallel == 1:
+                for index, run in enumerate(todo):
+                    self._run_in_process(run, index, len(todo))
+            else:
+                self._run_subprocesses(todo)
+            failed = [r for r in self.runs if r.status != "FINISHED"]
+            rows = self._aggregate()
+            if failed:
+                self._note_failures(failed)
+            else:
+                status = "FINISHED"
+                self.tracker.delete_tags([FAILED_SEEDS_TAG, NOTE_TAG])  # from an earlier attempt
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self._save(status)
+            self.tracker.log_artifact(self.sweep_file)
+            self.tracker.finish(status)
+        self._report(rows, failed)
+        if not failed:
+            return 0
+        return EXIT_USER_ERROR if all(r.exit_code == EXIT_USER_ERROR for r in failed) else 1
+
+    def _log(self, message: str) -> None:
+        with self._print_lock:
+            print(message, file=sys.stderr, flush=True)
+
+    def _ended(self, run: SeedRun, exit_code: int, started: float) -> None:
+        run.exit_code, run.seconds = exit_code, round(time.perf_counter() - started, 1)
+        run.status = {0: "FINISHED", EXIT_INTERRUPTED: "KILLED"}.get(exit_code, "FAILED")
+        self._save("RUNNING")
+        self._log(
+            f"seed {run.seed}: {run.status.lower()} after {_duration(run.seconds)}"
+            + ("" if exit_code == 0 else f" (exit {exit_code})")
+        )
+
+    def _run_in_process(self, run: SeedRun, index: int, count: int) -> None:
+        from rich.console import Console
+
+        from covr_lightning.config import load_recipe
+        from covr_lightning.loop.covr_loop import COVRLoop
+
+        action = "resuming" if run.resume else "starting"
+        Console(stderr=True).rule(f"seed {run.seed} ({index + 1}/{count}): {action} {run.run_dir}")
+        started, code = time.perf_counter(), 0
+        run.status = "RUNNING"
+        self._save("RUNNING")
+        try:
+            loop = COVRLoop(
+                load_recipe(self.recipe, self.child_overrides(run)),
+                resume="last" if run.resume else None,
+            )
+            loop.tracker.parent_run_id = self.parent_run_id
+            loop.fit()
+            del loop
+        except KeyboardInterrupt:
+            self._ended(run, EXIT_INTERRUPTED, started)
+            raise
+        except ConfigError as err:
+            if self.debug:
+                traceback.print_exc()
+            self._log(f"covr-lightning: error: seed {run.seed}: {err.line()}")
+            code = EXIT_USER_ERROR
+        except Exception:  # a crash of one seed must not stop the others: show it, go on
+            traceback.print_exc()
+            code = 1
+        gc.collect()  # free the seed's replay and models before the next seed builds its own
+        self._ended(run, code, started)
+
+    def _command(self, run: SeedRun) -> list[str]:
+        command = [sys.executable, "-m", "covr_lightning", "fit", "--recipe", self.recipe]
+        command += self.child_overrides(run)
+        if self.parent_run_id:
+            command += ["--parent-run-id", self.parent_run_id]
+        if run.resume:
+            command += ["--resume", "last"]
+        if self.debug:
+            command.append("--debug")
+        return command
+
+    def _child_env(self) -> dict[str, str]:
+        import covr_lightning
+
+        env = dict(os.environ)
+        threads = str(max(1, _cpu_count() // self.parallel))
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(name, threads)
+        env["PYTHONUNBUFFERED"] = "1"  # lines reach fit.log and the console as they happen
+        # The children import the same covr_lightning as this process, whatever is installed.
+        package_root = str(Path(covr_lightning.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        return env
+
+    def _echo(self, run: SeedRun, stream, log_file) -> None:
+        for line in stream:
+            log_file.write(line)
+            log_file.flush()
+            self._log(f"seed {run.seed} | {line.rstrip()}")
+
+    def _run_subprocesses(self, todo: list[SeedRun]) -> None:
+        pending, env = deque(todo), self._child_env()
+        running: dict[subprocess.Popen, tuple[SeedRun, float, threading.Thread, Any]] = {}
+        try:
+            while pending or running:
+                while pending and len(running) < self.parallel:
+                    run = pending.popleft()
+                    Path(run.run_dir).mkdir(parents=True, exist_ok=True)
+                    log_file = (Path(run.run_dir) / "fit.log").open("a")
+                    proc = subprocess.Popen(
+                        self._command(run),
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        text=True,
+                        env=env,
+                        start_new_session=True,  # Ctrl-C reaches the sweep, which stops children
+                    )
+                    echo = threading.Thread(
+                        target=self._echo, args=(run, proc.stdout, log_file), daemon=True
+                    )
+                    echo.start()
+                    run.status = "RUNNING"
+                    running[proc] = (run, time.perf_counter(), echo, log_file)
+                    self._save("RUNNING")
+                    action = "resuming" if run.resume else "starting"
+                    self._log(
+                        f"seed {run.seed}: {action} (pid {proc.pid}, log {run.run_dir}/fit.log)"
+                    )
+                time.sleep(0.2)
+                for proc in [p for p in running if p.poll() is not None]:
+                    self._reap(proc, running.pop(proc))
+        except KeyboardInterrupt:
+            self._log("interrupted: stopping the running seeds (each writes a checkpoint)")
+            for proc in running:
+                proc.send_signal(signal.SIGTERM)
+            for proc, entry in running.items():
+                proc.wait()
+                self._reap(proc, entry)
+            raise
+
+    def _reap(self, proc: subprocess.Popen, entry) -> None:
+        run, started, echo, log_file = entry
+        echo.join()
+        log_file.close()
+        code = proc.returncode  # -N: killed by signal N (e.g. the OOM killer), shown as 128 + N
+        self._ended(run, code if code >= 0 else 128 - code, started)
+
+    # ------------------------------------------------------------------ the parent's aggregate
+
+    def _children(self) -> list[RunCurve]:
+        """The latest finished MLflow child run of each finished seed, as ``eval/return`` curves."""
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=self.tracker.uri)
+        experiment = client.get_experiment_by_name(self.tracker.experiment)
+        children = search_all_runs(
+            client,
+            experiment.experiment_id,
+            f"tags.`{PARENT_RUN_TAG}` = '{self.parent_run_id}' and attributes.status = 'FINISHED'",
+        )
+        latest: dict[str, Any] = {}
+        for child in children:
+            name = child.info.run_name
+            if name not in latest or child.info.start_time > latest[name].info.start_time:
+                latest[name] = child
+        finished = [r.run_name for r in self.runs if r.status == "FINISHED"]
+        curves = [read_curve(client, latest[n], DEFAULT_METRIC) for n in finished if n in latest]
+        return [c for c in curves if c is not None]
+
+    def _aggregate(self) -> list[dict[str, Any]] | None:
+        """Log the across-seed statistics and the comparison on the parent; the table's rows."""
+        if not self.tracker.enabled or self.parent_run_id is None:
+            return None
+        curves = self._children()
+        if not curves:
+            return None
+        for step, metrics in aggregate_metrics(curves).items():
+            self.tracker.log_metrics(metrics, step=step)
+        out = self.sweep_dir / "comparison"
+        title = f"{self.tracker.experiment} / {self.name}: {DEFAULT_METRIC} across seeds"
+        rows = write_comparison(curves, ["run.name"], [], out, title)
+        final = rows[0]  # one group (the seeds' names differ only by -seedS), point "final"
+        self.tracker.log_metrics(
+            {f"sweep/final/{DEFAULT_METRIC}_{k}": float(final[k]) for k in FINAL_STATS},
+            step=max(int(c.steps[-1]) for c in curves),
+        )
+        for name in COMPARISON_FILES:
+            self.tracker.log_artifact(out / name, "comparison")
+        self.tracker.set_tags(
+            {
+                "covr.finished_seeds": ",".join(
+                    str(r.seed) for r in self.runs if r.status == "FINISHED"
+                )
+            }
+        )
+        return rows
+
+    def _note_failures(self, failed: list[SeedRun]) -> None:
+        seeds = ",".join(str(r.seed) for r in failed)
+        self.tracker.set_tags(
+            {
+                FAILED_SEEDS_TAG: seeds,
+                NOTE_TAG: "failed seeds: "
+                + "; ".join(f"{r.seed} ({r.status.lower()}, exit {r.exit_code})" for r in failed),
+            }
+        )
+
+    def _report(self, rows: list[dict[str, Any]] | None, failed: list[SeedRun]) -> None:
+        for run in self.runs:
+            self._log(
+                f"seed {run.seed:>4}  {run.status:<8}  {_duration(run.seconds):>8}  {run.run_dir}"
+            )
+        if rows is not None:
+            print_table(rows, ["run.name"], f"{self.name}: {DEFAULT_METRIC} across seeds")
+            self._log(
+                f"parent MLflow run {self.parent_run_id} ({self.tracker.uri}); comparison in "
+                f"{self.sweep_dir / 'comparison'}"
+            )
+        if failed:
+            seeds = ",".join(str(r.seed) for r in failed)
+            logs = "" if self.parallel == 1 else " (see each seed's fit.log)"
+            self._log(
+                f"covr-lightning: error: seed{'s' if len(failed) > 1 else ''} {seeds} of sweep "
+                f"{self.name} did not finish{logs}. Fix: see the errors above, then continue "
+                f"with the same command plus --resume last."
+            )
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def run_sweep(args) -> int:
+    """``fit --seeds``: dry run (config and plan) or the sweep; returns the exit code."""
+    from rich.console import Console
+
+    from covr_lightning.config import dump_config
+    from covr_lightning.loop.plan import schedule_of
+
+    sweep = Sweep(
+        args.recipe,
+        args.overrides,
+        parse_seeds(args.seeds),
+        1 if args.parallel is None else args.parallel,
+        args.resume,
+        args.debug,
+    )
+    if args.dry_run:
+        print(dump_config(sweep.cfg), end="")
+        Console().print(sweep.plan())
+        if (rounds := schedule_of(sweep.cfg)) is not None:
+            Console().print(rounds)
+        return 0
+    return sweep.run()
