@@ -13,6 +13,7 @@ torch's thread pool, neither of which survives a fork reliably.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Callable
 from functools import partial
@@ -28,8 +29,10 @@ from covr_lightning.errors import ConfigError
 def _build_env(class_path: str, init_args: dict[str, Any], seed: int) -> gymnasium.Env:
     """Build one env in the current process (module-level, so that workers can unpickle it)."""
     # A worker only steps physics and renders: one thread each keeps N workers off the learner's
-    # cores (torch, if the env module imports it, would otherwise start a thread per core).
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # cores (torch, if the env module imports it, would otherwise start a thread per core). Only
+    # in a worker: in the main process the variable would leak into every later subprocess.
+    if multiprocessing.parent_process() is not None:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     from covr_lightning.config import import_class
 
     return import_class(class_path)(**init_args, seed=seed)
