@@ -158,3 +158,15 @@ def test_covr_run_evaluates_without_building_the_vlm(tmp_path_factory, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["evaluate", "--checkpoint", str(run_dir), "--episodes", "2"]) == 0
     assert "return mean" in capsys.readouterr().out
+
+
+def test_video_frame_rate_is_simulated_real_time():
+    from covr_lightning.envs.car_racing import CarRacingEnv
+    from covr_lightning.envs.dmc import DMCEnv
+    from covr_lightning.evaluate import agent_fps
+
+    cartpole = DMCEnv("cartpole", "swingup", image_size=32, action_repeat=8)
+    assert agent_fps(cartpole) == pytest.approx(1 / (0.01 * 8))  # 10 ms control step
+    racing = CarRacingEnv(action_repeat=4)
+    assert agent_fps(racing) == pytest.approx(50 / 4)
+    assert agent_fps(object(), default=7.0) == 7.0

@@ -13,9 +13,7 @@ RECIPES = sorted(
 
 # Ablations are the quickstart with other sft keys (tests/test_ablation_recipes.py checks that);
 # CARLA recipes need a server, so tests/envs/test_carla.py trains them against the fake client.
-BASE_RECIPES = [
-    name for name in RECIPES if not name.startswith(("ablations/", "carla_"))
-]
+BASE_RECIPES = [name for name in RECIPES if not name.startswith(("ablations/", "carla_"))]
 
 
 def test_recipes_are_found():

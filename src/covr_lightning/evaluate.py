@@ -272,11 +272,14 @@ def _has_ffmpeg() -> bool:
 
 
 def agent_fps(env, default: float = 25.0) -> float:
-    """Agent steps per second of simulated time (dm_control), else ``default``."""
+    """Agent steps per second of simulated time, so that a video plays in real time.
+
+    Read from the env's ``control_timestep`` (simulated seconds per env step; DMC, CARLA and
+    CarRacing declare it) and ``action_repeat``; ``default`` for an env without it.
+    """
     try:
-        control = float(env.unwrapped._env.control_timestep())
-        return 1.0 / (control * int(env.action_repeat))
-    except Exception:  # not a DMCEnv: no control timestep to read
+        return 1.0 / (float(env.control_timestep) * int(env.action_repeat))
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
         return default
 
 

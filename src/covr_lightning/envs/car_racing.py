@@ -337,6 +337,11 @@ class CarRacingEnv(gymnasium.Env):
         return np.ascontiguousarray(pygame.surfarray.array3d(scaled).transpose(1, 0, 2))
 
     @property
+    def control_timestep(self) -> float:
+        """Simulated seconds per env step (CarRacing runs at 50 steps per second)."""
+        return 1.0 / 50.0
+
+    @property
     def task_description(self) -> str:
         """The task in words, for the VLM's prompt."""
         return TASK_DESCRIPTION

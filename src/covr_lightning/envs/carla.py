@@ -639,6 +639,11 @@ class CarlaEnv(gymnasium.Env):
         return _resize(self._view, height, width)
 
     @property
+    def control_timestep(self) -> float:
+        """Simulated seconds per env step (one synchronous tick)."""
+        return self.dt
+
+    @property
     def task_description(self) -> str:
         """The task in words, for the VLM's prompt."""
         return TASK_DESCRIPTIONS[self.scenario]

@@ -434,6 +434,11 @@ class DMCEnv(gymnasium.Env):
         return self._large.render(physics)
 
     @property
+    def control_timestep(self) -> float:
+        """Simulated seconds per env step (dm_control's control timestep)."""
+        return float(self._env.control_timestep())
+
+    @property
     def task_description(self) -> str:
         """The task in words, for the VLM's prompt."""
         default = f"solve the {self.domain} {self.task} task"

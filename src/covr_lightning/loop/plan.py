@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -20,6 +21,10 @@ def resolved_action_repeat(cfg: Namespace) -> int | None:
     default = getattr(env_cls, "default_action_repeat", None)
     if callable(default) and init_args.get("domain"):
         return int(default(init_args.domain))
+    # Otherwise the constructor's own default, when it is a number (CarRacing, CARLA).
+    parameter = inspect.signature(env_cls).parameters.get("action_repeat")
+    if parameter is not None and isinstance(parameter.default, int):
+        return parameter.default
     return None
 
 
@@ -33,6 +38,8 @@ def plan_table(cfg: Namespace, run_dir: Path) -> Table:
     table.add_row("budget", f"{run.total_env_steps:,} env steps ({agent}, action repeat {repeat})")
     warmup = f"{run.seed_env_steps:,} env steps of random actions"
     table.add_row("warm-up", warmup)
+    envs = run.get("num_envs", 1)
+    table.add_row("envs", f"{envs} ({'worker processes' if envs > 1 else 'in this process'})")
     if repeat:
         updates = max(run.total_env_steps - run.seed_env_steps, 0) // repeat
         table.add_row("updates", f"{updates:,} (one per agent step after warm-up)")
