@@ -32,5 +32,17 @@ def require_all(checks: list[tuple[bool, str]], fix: str = "fix the value in the
             raise ConfigError(problem, fix)
 
 
+def require_positive_ints(**values: object) -> None:
+    """Raise a :class:`ConfigError` naming the first value that is not an integer >= 1.
+
+    ``None`` counts as unset and passes (optional caps such as ``max_episode_env_steps``).
+    """
+    for name, value in values.items():
+        if value is None:
+            continue
+        if not isinstance(value, int | float) or int(value) != value or value < 1:
+            raise ConfigError(f"{name}={value} is not a positive integer", f"set {name} >= 1")
+
+
 class TrainingDivergedError(ConfigError):
     """A loss or metric became NaN/inf; the last good checkpoint is left untouched."""

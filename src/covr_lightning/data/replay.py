@@ -135,6 +135,17 @@ class ReplayDataModule(lightning.LightningDataModule):
         self._cur_step = np.zeros(n, np.int64)  # step_in_episode of that o_t
 
     @property
+    def _layout(self) -> tuple:
+        """What an allocation fixes: frame shape and dtype, stack, action shape, streams."""
+        return (
+            self.frame_shape,
+            self.frame_dtype,
+            self.frame_stack,
+            self.action_shape,
+            self.num_streams,
+        )
+
+    @property
     def _size(self) -> int:
         """Filled slots over all streams (<= capacity)."""
         return int(np.minimum(self._num_written, self._stream_capacity).sum())
@@ -235,13 +246,7 @@ class ReplayDataModule(lightning.LightningDataModule):
         frame_stack = int(frame_stack)
         num_streams = int(num_streams)
         if self._allocated:
-            have = (
-                self.frame_shape,
-                self.frame_dtype,
-                self.frame_stack,
-                self.action_shape,
-                self.num_streams,
-            )
+            have = self._layout
             if have != (frame_shape, frame_dtype, frame_stack, action_shape, num_streams):
                 raise ConfigError(
                     f"replay already allocated for frames {self.frame_shape} {self.frame_dtype} "
@@ -633,13 +638,7 @@ class ReplayDataModule(lightning.LightningDataModule):
                 f"replay checkpoint has capacity {cap}, this buffer {self.capacity}",
                 f"construct ReplayDataModule(capacity={cap}) to resume it",
             )
-        have = (
-            self.frame_shape,
-            self.frame_dtype,
-            self.frame_stack,
-            self.action_shape,
-            self.num_streams,
-        )
+        have = self._layout
         if self._allocated and parsed["allocated"] and have != parsed["shapes"]:
             raise ConfigError(
                 f"replay checkpoint holds frames/stack/actions/streams {parsed['shapes']}, this "

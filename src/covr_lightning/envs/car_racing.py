@@ -45,7 +45,7 @@ import gymnasium
 import numpy as np
 from PIL import Image
 
-from covr_lightning.errors import ConfigError
+from covr_lightning.errors import ConfigError, require_positive_ints
 
 DEFAULT_ACTION_REPEAT = 4
 """Env steps per agent step: 12.5 decisions per simulated second, 250 per 1000-step episode."""
@@ -172,17 +172,12 @@ class CarRacingEnv(gymnasium.Env):
         seed: int = 0,
     ) -> None:
         action_repeat = default_action_repeat() if action_repeat is None else action_repeat
-        for name, value in (
-            ("image_size", image_size),
-            ("frame_stack", frame_stack),
-            ("action_repeat", action_repeat),
-            (
-                "max_episode_env_steps",
-                1 if max_episode_env_steps is None else max_episode_env_steps,
-            ),
-        ):
-            if int(value) != value or value < 1:
-                raise ConfigError(f"{name}={value} is not a positive integer", f"set {name} >= 1")
+        require_positive_ints(
+            image_size=image_size,
+            frame_stack=frame_stack,
+            action_repeat=action_repeat,
+            max_episode_env_steps=max_episode_env_steps,
+        )
         if not 0.0 < lap_complete_percent <= 1.0:
             raise ConfigError(
                 f"lap_complete_percent={lap_complete_percent} is outside (0, 1]",

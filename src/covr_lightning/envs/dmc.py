@@ -40,7 +40,7 @@ import numpy as np
 from dm_control import _render, suite
 from dm_control.mujoco import engine, wrapper
 
-from covr_lightning.errors import ConfigError
+from covr_lightning.errors import ConfigError, require_positive_ints
 
 _HEADLESS = sys.platform.startswith("linux") and not os.environ.get("DISPLAY")
 
@@ -269,17 +269,12 @@ class DMCEnv(gymnasium.Env):
         if obs == "pixels":
             _check_gl_backend()
         action_repeat = default_action_repeat(domain) if action_repeat is None else action_repeat
-        for name, value in (
-            ("image_size", image_size),
-            ("frame_stack", frame_stack),
-            ("action_repeat", action_repeat),
-            (
-                "max_episode_env_steps",
-                1 if max_episode_env_steps is None else max_episode_env_steps,
-            ),
-        ):
-            if int(value) != value or value < 1:
-                raise ConfigError(f"{name}={value} is not a positive integer", f"set {name} >= 1")
+        require_positive_ints(
+            image_size=image_size,
+            frame_stack=frame_stack,
+            action_repeat=action_repeat,
+            max_episode_env_steps=max_episode_env_steps,
+        )
 
         self.domain, self.task, self.obs_mode = domain, task, obs
         self.image_size = int(image_size)
