@@ -61,7 +61,9 @@ def test_auxiliary_losses_fall_on_a_fixed_batch():
 def test_auxiliary_gradients_reach_the_encoder_and_models_only(monkeypatch):
     m = make_module()
     # Silence SAC's Bellman part: what is left of the critic loss is the auxiliary terms.
-    monkeypatch.setattr(SACPolicyModule, "critic_loss", lambda self, batch: (torch.zeros(()), {}))
+    monkeypatch.setattr(
+        SACPolicyModule, "bellman_loss", lambda self, batch, features: (torch.zeros(()), {})
+    )
     loss, metrics = m.critic_loss(make_batch())
     loss.backward()
     for net in (m.encoder, m.transition_model, m.reward_model):
@@ -73,7 +75,9 @@ def test_auxiliary_gradients_reach_the_encoder_and_models_only(monkeypatch):
 
 
 def test_coefficients_weight_the_auxiliary_terms(monkeypatch):
-    monkeypatch.setattr(SACPolicyModule, "critic_loss", lambda self, batch: (torch.zeros(()), {}))
+    monkeypatch.setattr(
+        SACPolicyModule, "bellman_loss", lambda self, batch, features: (torch.zeros(()), {})
+    )
     m = make_module(transition_coef=0.5, reward_coef=3.0)
     loss, metrics = m.critic_loss(make_batch())
     expected = 0.5 * metrics[AUX[0]] + 3.0 * metrics[AUX[1]]
@@ -142,3 +146,29 @@ def test_state_dict_round_trip_restores_the_latent_models():
 def test_bad_settings_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         DeepMDPModule(OBS_SHAPE, ACTION_DIM, hidden_dim=8, num_filters=4, **kwargs)
+
+
+def test_one_encoding_gives_the_loss_and_gradient_of_separate_passes():
+    """Sharing the critic's encodings changes cost, not maths: same loss, same encoder gradient."""
+    torch.manual_seed(0)
+    shared = make_module()
+    separate = make_module()
+    separate.load_state_dict(shared.state_dict())
+    batch = make_batch()
+    torch.manual_seed(1)  # the same a' ~ pi(.|s') in both
+    loss, _ = shared.critic_loss(batch)
+    loss.backward()
+
+    torch.manual_seed(1)
+    bellman, _ = SACPolicyModule.critic_loss(separate, batch)  # encodes s and s' itself
+    z = separate.encoder(batch["obs"])  # and once more for the auxiliary terms
+    with torch.no_grad():
+        z_next = separate.target_encoder(batch["next_obs"])
+    za = torch.cat([z, batch["action"]], dim=-1)
+    aux = transition_loss(separate.transition_model(za), z_next) + reward_loss(
+        separate.reward_model(za).squeeze(-1), batch["reward"]
+    )
+    (bellman + aux).backward()
+    torch.testing.assert_close(loss.detach(), (bellman + aux).detach())
+    for a, b in zip(shared.encoder.parameters(), separate.encoder.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)

@@ -18,8 +18,9 @@ deterministic latent model. Defaults ``transition_coef = reward_coef = 1``: the 
 DBC (Zhang et al. 2021, ``deepmdp_agent.py``) adds the two losses with unit weights, and its model
 widths (512, LayerNorm) are the default ``model_hidden_dim`` here.
 
-Cost: the auxiliary terms run the online encoder on s once more (with grad) and the target encoder
-on s' once more (no grad) than SAC's critic loss, rather than reaching into it.
+Cost: none in encoder passes. The auxiliary terms reuse the critic update's encodings
+(:meth:`SACPolicyModule.critic_features`): z = phi(s) is the same tensor the Q heads read, so the
+encoder's gradient is the sum of the Bellman and model terms from one forward pass.
 """
 
 from __future__ import annotations
@@ -147,10 +148,10 @@ class DeepMDPModule(SACPolicyModule):
             ``(loss, metrics)``: SAC's metrics plus ``deepmdp_transition_loss`` and
             ``deepmdp_reward_loss`` (unweighted), ``critic_loss`` being the Bellman part alone.
         """
-        loss, metrics = super().critic_loss(batch)
-        z = self.encoder(batch["obs"])  # grad -> encoder (and the two models)
-        with torch.no_grad():
-            z_next_target = self.target_encoder(batch["next_obs"])  # z-bar' = phi-bar(s')
+        # One encoding serves both: z = phi(s) (with grad), z-bar' = phi-bar(s') (no grad).
+        features = self.critic_features(batch)
+        loss, metrics = self.bellman_loss(batch, features)
+        z, z_next_target = features["obs"], features["next_obs_target"]
         za = torch.cat([z, batch["action"]], dim=-1)
         l_p = transition_loss(self.transition_model(za), z_next_target)
         l_r = reward_loss(self.reward_model(za).squeeze(-1), batch["reward"])

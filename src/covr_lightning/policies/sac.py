@@ -266,12 +266,42 @@ class SACPolicyModule(lightning.LightningModule):
             ``(loss, metrics)``; metrics are detached scalars ``critic_loss``, ``q1_mean``,
             ``q2_mean``, ``target_q_mean``.
         """
+        return self.bellman_loss(batch, self.critic_features(batch))
+
+    def critic_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The encodings the critic update needs, each computed once.
+
+        A subclass adding encoder losses (DeepMDP) reuses them instead of encoding again.
+
+        Returns:
+            ``obs``: online encoder of s (with grad); ``next_obs``: online encoder of s' and
+            ``next_obs_target``: target encoder of s' (both without grad).
+        """
+        with torch.no_grad():
+            next_online = self.encoder(batch["next_obs"])
+            next_target = self.target_encoder(batch["next_obs"])
+        return {
+            "obs": self.encoder(batch["obs"]),  # grad -> encoder
+            "next_obs": next_online,
+            "next_obs_target": next_target,
+        }
+
+    def bellman_loss(
+        self, batch: dict[str, Tensor], features: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Soft Bellman error of both Q heads from :meth:`critic_features`.
+
+        Args:
+            batch: ``action``, ``reward``, ``terminated``.
+            features: From :meth:`critic_features`.
+
+        Returns:
+            ``(loss, metrics)`` as :meth:`critic_loss`.
+        """
         with torch.no_grad():
             # a' ~ pi(.|s') from the current actor on the online encoder (CURL); Q-bar on the targets.
-            next_action, next_log_pi, _ = self.actor(self.encoder(batch["next_obs"]))
-            next_q1, next_q2 = self.target_critic(
-                self.target_encoder(batch["next_obs"]), next_action
-            )
+            next_action, next_log_pi, _ = self.actor(features["next_obs"])
+            next_q1, next_q2 = self.target_critic(features["next_obs_target"], next_action)
             target = losses.soft_q_target(
                 batch["reward"],
                 batch["terminated"],
@@ -281,7 +311,7 @@ class SACPolicyModule(lightning.LightningModule):
                 self.alpha,
                 self.gamma,
             )
-        q1, q2 = self.critic(self.encoder(batch["obs"]), batch["action"])  # grad -> encoder, critic
+        q1, q2 = self.critic(features["obs"], batch["action"])  # grad -> encoder, critic
         loss = losses.critic_loss(q1, q2, target)
         metrics = {
             "critic_loss": loss.detach(),
