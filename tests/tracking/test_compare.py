@@ -119,3 +119,14 @@ def test_compare_unknown_experiment_is_one_line_and_exit_2(workdir, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "no-such-experiment" in err and "Fix:" in err
+
+
+def test_carla_runs_get_the_scenario_numbers():
+    assert paper_number({"env.scenario": "highway", "covr.enabled": "True"}).startswith(
+        "248 reward / 259 distance (COVR, #HW)"
+    )
+    assert paper_number({"env.scenario": "highway", "covr.enabled": "False"}).startswith("69 ")
+    assert paper_number({"env.scenario": "ghost_pedestrian", "covr.enabled": "True"}).startswith(
+        "235 reward / 237 distance"
+    )
+    assert paper_number({"env.scenario": "ghost_pedestrian", "covr.enabled": "False"}) == ""

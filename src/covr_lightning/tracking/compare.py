@@ -56,6 +56,14 @@ PAPER_DMC: dict[tuple[str, str], dict[str, tuple[float | None, float, int]]] = {
 }
 
 
+# CARLA (episode reward, driving distance on DBC's scale) per scenario: COVR, and the bases the
+# paper reports for #HW. The paper's CARLA base for COVR is not named, so a base run shows SAC's.
+PAPER_CARLA: dict[str, dict[str, tuple[float, float]]] = {
+    "highway": {"COVR": (248, 259), "SAC": (69, 91)},
+    "ghost_pedestrian": {"COVR": (235, 237)},
+}
+
+
 def base_algorithm(policy_class_path: str) -> str | None:
     """``...policies.rad.RADModule`` -> ``RAD``; DeepMDP and plain SAC likewise; else ``None``."""
     name = policy_class_path.lower()
@@ -73,7 +81,19 @@ def _truthy(value: str | None) -> bool:
 
 
 def paper_number(params: dict[str, str]) -> str:
-    """The paper's number for a run's (domain, task, base, COVR on/off), or ``""``."""
+    """The paper's number for a run's (domain, task, base, COVR on/off), or ``""``.
+
+    CARLA runs (an ``env.scenario`` of :data:`PAPER_CARLA`) get the scenario's episode reward
+    and driving distance.
+    """
+    scenario = params.get("env.scenario")
+    if scenario in PAPER_CARLA:
+        tag = {"highway": "#HW", "ghost_pedestrian": "#GP"}[scenario]
+        name = "COVR" if _truthy(params.get("covr.enabled")) else "SAC"
+        entry = PAPER_CARLA[scenario].get(name)
+        if entry is None:
+            return ""
+        return f"{entry[0]:g} reward / {entry[1]:g} distance ({name}, {tag})"
     key = (params.get("env.domain", ""), params.get("env.task", ""))
     base = base_algorithm(params.get("policy.class_path", ""))
     entry = PAPER_DMC.get(key, {}).get(base or "")
@@ -156,7 +176,10 @@ class Group:
         return values.pop() if len(values) == 1 else None
 
     def paper(self) -> str:
-        keys = ("env.domain", "env.task", "policy.class_path", "covr.enabled")
+        if self.common_param("env.scenario") is not None:
+            keys: tuple[str, ...] = ("env.scenario", "covr.enabled")
+        else:
+            keys = ("env.domain", "env.task", "policy.class_path", "covr.enabled")
         shared = {k: self.common_param(k) for k in keys}
         if any(v is None for v in shared.values()):
             return ""
