@@ -91,7 +91,7 @@ def test_action_repeat_env_steps_and_summed_reward_match_raw_dm_control(make_env
         assert info["discount"] == 1.0
         assert not terminated and not truncated
     np.testing.assert_allclose(
-        env._frames[-1],
+        env._frames.newest,
         np.concatenate([v.ravel() for v in raw._task.get_observation(raw.physics).values()]),
         rtol=1e-6,
     )

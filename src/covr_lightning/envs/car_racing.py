@@ -38,13 +38,13 @@ if sys.platform.startswith("linux") and not os.environ.get("DISPLAY"):
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")  # no banner on every import
 
-from collections import deque
 from typing import Any
 
 import gymnasium
 import numpy as np
 from PIL import Image
 
+from covr_lightning.envs.frames import FrameStack
 from covr_lightning.errors import ConfigError, require_positive_ints
 
 DEFAULT_ACTION_REPEAT = 4
@@ -212,7 +212,7 @@ class CarRacingEnv(gymnasium.Env):
         )
         self.action_space = gymnasium.spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
 
-        self._frames: deque[np.ndarray] = deque(maxlen=self.frame_stack)
+        self._frames = FrameStack(self.frame_stack)
         self._episode_return = 0.0
         self._needs_reset = True
 
@@ -240,10 +240,8 @@ class CarRacingEnv(gymnasium.Env):
         native, _ = self._env.reset(seed=seed, options=options)
         self._episode_return = 0.0
         self._needs_reset = False
-        frame = self._frame(native)
-        for _ in range(self.frame_stack):
-            self._frames.append(frame)
-        return self._observation(), {}
+        self._frames.reset(self._frame(native))
+        return self._frames.observation(), {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Repeats ``action`` for ``action_repeat`` env steps (fewer if the episode ends).
@@ -291,11 +289,11 @@ class CarRacingEnv(gymnasium.Env):
         self._episode_return += reward
         truncated = truncated and not terminated
         self._needs_reset = terminated or truncated
-        self._frames.append(self._frame(native))
+        self._frames.push(self._frame(native))
         out = {"env_steps": steps, "episode_return": self._episode_return}
         if "lap_finished" in info:
             out["lap_finished"] = bool(info["lap_finished"])
-        return self._observation(), reward, terminated, truncated, out
+        return self._frames.observation(), reward, terminated, truncated, out
 
     def render(self, height: int | None = None, width: int | None = None) -> np.ndarray:
         """The current view at any size (the VLM reads a larger one than the policy).
@@ -317,10 +315,10 @@ class CarRacingEnv(gymnasium.Env):
         height = self.image_size if height is None else int(height)
         width = self.image_size if width is None else int(width)
         surface = getattr(self._car_racing, "surf", None)
-        if not self._frames or surface is None:
+        if self._frames.newest is None or surface is None:
             raise RuntimeError("CarRacingEnv.render called before reset()")
         if (height, width) == (self.image_size, self.image_size):
-            return self._frames[-1].transpose(1, 2, 0).copy()
+            return self._frames.newest.transpose(1, 2, 0).copy()
         import pygame
 
         if self.crop_hud:  # the frames' crop, scaled from 96x96 to the surface
@@ -357,8 +355,3 @@ class CarRacingEnv(gymnasium.Env):
             image = image[top:bottom, left:right]
         image = _resize(image, self.image_size, self.image_size)
         return np.ascontiguousarray(image.transpose(2, 0, 1))
-
-    def _observation(self) -> np.ndarray:
-        if self.frame_stack == 1:
-            return self._frames[-1].copy()
-        return np.concatenate(self._frames, axis=0)

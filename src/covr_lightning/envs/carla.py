@@ -49,7 +49,6 @@ import queue
 import re
 import tempfile
 import weakref
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +57,7 @@ import gymnasium
 import numpy as np
 from PIL import Image
 
+from covr_lightning.envs.frames import FrameStack
 from covr_lightning.errors import ConfigError
 
 try:  # a lock file keeps a second process off a server this one drives (POSIX only)
@@ -520,7 +520,7 @@ class CarlaEnv(gymnasium.Env):
         self._collisions: queue.SimpleQueue = queue.SimpleQueue()
         self._muted = False  # parked: sensor callbacks drop their data
         self._parked: list[tuple] = []
-        self._frames: deque[np.ndarray] = deque(maxlen=self.frame_stack)
+        self._frames = FrameStack(self.frame_stack)
         self._view: np.ndarray | None = None
         self._needs_reset = True
         self._closed = False
@@ -568,10 +568,9 @@ class CarlaEnv(gymnasium.Env):
                     ) from err
                 self._server.reconnect(err)
                 self._generation = self._server.generation
-        for _ in range(self.frame_stack):
-            self._frames.append(frame)
+        self._frames.reset(frame)
         self._needs_reset = False
-        return self._observation(), {}
+        return self._frames.observation(), {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Holds ``action`` for ``action_repeat`` ticks (fewer if the episode ends).
@@ -695,7 +694,7 @@ class CarlaEnv(gymnasium.Env):
         frame = server.world.tick()
         self._observe(frame)
         self._take_collisions()  # bumps while settling are not the agent's
-        return self._frames[-1]
+        return self._frames.newest
 
     def _spawn_ego(self) -> int:
         """Put the ego car at s = 100 m of a random highway lane; returns the lane id."""
@@ -924,7 +923,7 @@ class CarlaEnv(gymnasium.Env):
         """Wait for every camera's image of ``frame``; stitch the policy frame, keep the view."""
         images = [_bgra_to_rgb(self._image(q, frame)) for q in self._camera_queues]
         panorama = np.concatenate(images, axis=1) if len(images) > 1 else images[0]
-        self._frames.append(np.ascontiguousarray(panorama.transpose(2, 0, 1)))
+        self._frames.push(np.ascontiguousarray(panorama.transpose(2, 0, 1)))
         if self._view_queue is not None:
             self._view = _bgra_to_rgb(self._image(self._view_queue, frame))
         else:
@@ -976,7 +975,7 @@ class CarlaEnv(gymnasium.Env):
             "collision_impulse": sum(t.impulse for t in ticks),
             "end_reason": end,
         }
-        return self._observation(), reward, terminated, truncated, info
+        return self._frames.observation(), reward, terminated, truncated, info
 
     # ---------------------------------------------------------------- helpers
 
@@ -985,11 +984,6 @@ class CarlaEnv(gymnasium.Env):
         location = transform.location
         raised = carla.Location(x=location.x, y=location.y, z=location.z + lift)
         return carla.Transform(raised, transform.rotation)
-
-    def _observation(self) -> np.ndarray:
-        if self.frame_stack == 1:
-            return self._frames[-1].copy()
-        return np.concatenate(self._frames, axis=0)
 
 
 def _check_options(

@@ -31,7 +31,6 @@ if (
     os.environ["MUJOCO_GL"] = "egl"
     os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
-from collections import deque
 from typing import Any, Literal
 
 import gymnasium
@@ -40,6 +39,7 @@ import numpy as np
 from dm_control import _render, suite
 from dm_control.mujoco import engine, wrapper
 
+from covr_lightning.envs.frames import FrameStack
 from covr_lightning.errors import ConfigError, require_positive_ints
 
 _HEADLESS = sys.platform.startswith("linux") and not os.environ.get("DISPLAY")
@@ -323,7 +323,7 @@ class DMCEnv(gymnasium.Env):
                 -np.inf, np.inf, shape=(dim,), dtype=np.float32
             )
 
-        self._frames: deque[np.ndarray] = deque(maxlen=self.frame_stack)
+        self._frames = FrameStack(self.frame_stack)
         self._episode_env_steps = 0
         self._episode_return = 0.0
         self._needs_reset = True
@@ -349,10 +349,8 @@ class DMCEnv(gymnasium.Env):
         self._episode_env_steps = 0
         self._episode_return = 0.0
         self._needs_reset = False
-        frame = self._frame(time_step.observation)
-        for _ in range(self.frame_stack):
-            self._frames.append(frame)
-        return self._observation(), {}
+        self._frames.reset(self._frame(time_step.observation))
+        return self._frames.observation(), {}
 
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Repeats ``action`` for ``action_repeat`` env steps (fewer if the episode ends).
@@ -400,9 +398,9 @@ class DMCEnv(gymnasium.Env):
         terminated = last and discount == 0.0
         truncated = (last or capped) and not terminated
         self._needs_reset = terminated or truncated
-        self._frames.append(self._frame(time_step.observation))
+        self._frames.push(self._frame(time_step.observation))
         info = {"env_steps": steps, "episode_return": self._episode_return, "discount": discount}
-        return self._observation(), reward, terminated, truncated, info
+        return self._frames.observation(), reward, terminated, truncated, info
 
     def render(self, height: int | None = None, width: int | None = None) -> np.ndarray:
         """Renders the current state from the env's camera at any size.
@@ -472,8 +470,3 @@ class DMCEnv(gymnasium.Env):
         if self.obs_mode == "state":
             return _flatten_state(observation)
         return np.ascontiguousarray(self._policy_view().transpose(2, 0, 1))
-
-    def _observation(self) -> np.ndarray:
-        if self.frame_stack == 1:
-            return self._frames[-1].copy()
-        return np.concatenate(self._frames, axis=0)
