@@ -32,16 +32,21 @@ def require_all(checks: list[tuple[bool, str]], fix: str = "fix the value in the
             raise ConfigError(problem, fix)
 
 
-def require_positive_ints(**values: object) -> None:
+def require_positive_ints(values: dict[str, object], prefix: str = "") -> None:
     """Raise a :class:`ConfigError` naming the first value that is not an integer >= 1.
 
-    ``None`` counts as unset and passes (optional caps such as ``max_episode_env_steps``).
+    Args:
+        values: Option values by name; ``None`` counts as unset and passes (optional caps such
+            as ``max_episode_env_steps``).
+        prefix: Recipe section the names live in (``"env."``), for the fix.
     """
     for name, value in values.items():
         if value is None:
             continue
         if not isinstance(value, int | float) or int(value) != value or value < 1:
-            raise ConfigError(f"{name}={value} is not a positive integer", f"set {name} >= 1")
+            raise ConfigError(
+                f"{name}={value} is not a positive integer", f"set {prefix}{name} >= 1"
+            )
 
 
 class TrainingDivergedError(ConfigError):

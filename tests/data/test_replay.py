@@ -90,6 +90,11 @@ def assert_all_valid_slots_match(dm, records, env):
         records, env.g + 1, dm.capacity, dm.frame_stack
     )
     assert len(dm) == len(valid)
+    assert_rows_match(batch, tids, records)
+
+
+def assert_rows_match(batch, tids, records):
+    """Every row of ``batch`` is the recorded transition its ``tid`` names."""
     for row, tid in enumerate(tids):
         r = records[tid]
         np.testing.assert_array_equal(batch["obs"][row].numpy(), r["obs"])

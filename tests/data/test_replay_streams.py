@@ -6,7 +6,15 @@ import json
 
 import numpy as np
 import pytest
-from tests.data.test_replay import A, C, H, StackingEnv, W, expected_valid_tids
+from tests.data.test_replay import (
+    A,
+    C,
+    H,
+    StackingEnv,
+    W,
+    assert_rows_match,
+    expected_valid_tids,
+)
 
 from covr_lightning.data import ReplayDataModule
 from covr_lightning.errors import ConfigError
@@ -68,13 +76,7 @@ def check_against_records(dm, records, envs):
         assert {int(t) for t in tids if records[t]["stream"] == s} == {
             mine[i]["tid"] for i in alive
         }
-    for row, tid in enumerate(tids):
-        r = records[tid]
-        np.testing.assert_array_equal(batch["obs"][row].numpy(), r["obs"])
-        np.testing.assert_array_equal(batch["next_obs"][row].numpy(), r["next_obs"])
-        np.testing.assert_array_equal(batch["action"][row].numpy(), r["action"])
-        assert batch["reward"][row].item() == r["reward"]
-        assert batch["terminated"][row].item() == float(r["term"])
+    assert_rows_match(batch, tids, records)
 
 
 @pytest.mark.parametrize("steps", [2, 9, 40])

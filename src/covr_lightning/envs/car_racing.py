@@ -173,10 +173,13 @@ class CarRacingEnv(gymnasium.Env):
     ) -> None:
         action_repeat = default_action_repeat() if action_repeat is None else action_repeat
         require_positive_ints(
-            image_size=image_size,
-            frame_stack=frame_stack,
-            action_repeat=action_repeat,
-            max_episode_env_steps=max_episode_env_steps,
+            {
+                "image_size": image_size,
+                "frame_stack": frame_stack,
+                "action_repeat": action_repeat,
+                "max_episode_env_steps": max_episode_env_steps,
+            },
+            prefix="env.",
         )
         if not 0.0 < lap_complete_percent <= 1.0:
             raise ConfigError(

@@ -58,7 +58,7 @@ import numpy as np
 from PIL import Image
 
 from covr_lightning.envs.frames import FrameStack
-from covr_lightning.errors import ConfigError
+from covr_lightning.errors import ConfigError, require_positive_ints
 
 try:  # a lock file keeps a second process off a server this one drives (POSIX only)
     import fcntl
@@ -1003,9 +1003,7 @@ def _check_options(
             f"unknown CARLA scenario {scenario!r}",
             "set env.scenario to highway or ghost_pedestrian",
         )
-    for name, value in positive_ints.items():
-        if int(value) != value or value < 1:
-            raise ConfigError(f"{name}={value} is not a positive integer", f"set env.{name} >= 1")
+    require_positive_ints(positive_ints, prefix="env.")
     for name, value in positives.items():
         if not value > 0:
             raise ConfigError(f"{name}={value} is not positive", f"set env.{name} > 0")

@@ -270,10 +270,13 @@ class DMCEnv(gymnasium.Env):
             _check_gl_backend()
         action_repeat = default_action_repeat(domain) if action_repeat is None else action_repeat
         require_positive_ints(
-            image_size=image_size,
-            frame_stack=frame_stack,
-            action_repeat=action_repeat,
-            max_episode_env_steps=max_episode_env_steps,
+            {
+                "image_size": image_size,
+                "frame_stack": frame_stack,
+                "action_repeat": action_repeat,
+                "max_episode_env_steps": max_episode_env_steps,
+            },
+            prefix="env.",
         )
 
         self.domain, self.task, self.obs_mode = domain, task, obs
