@@ -415,9 +415,11 @@ class COVRLoop(RLLoop):
             self.steps_since_query = [self.steps_since_query]
         # Env state is not checkpointed: the resumed run starts new episodes, so the episode
         # segments that were open in D_f end here, bootstrapped from where they stood.
+        saved_obs = state["loop"].get("lane_obs", [])
         for lane in self.sft.open_streams:
-            obs = self.resumed_lane_obs[lane] if lane < len(self.resumed_lane_obs) else None
-            self.sft.end_segment(bootstrap=self._state_value(obs), truncated=True, stream=lane)
+            obs = saved_obs[lane] if lane < len(saved_obs) else None
+            value = self._state_value(None if obs is None else obs.numpy())
+            self.sft.end_segment(bootstrap=value, truncated=True, stream=lane)
 
 
 def _check_covr(covr: COVRConfig) -> None:

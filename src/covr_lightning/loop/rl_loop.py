@@ -176,7 +176,6 @@ class RLLoop:
         self.lane_start_env_step = np.zeros(self.num_envs, dtype=np.int64)
         self.lane_info: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         self.last_eval_metrics: dict[str, list[float]] = {}  # per-episode env metrics of the eval
-        self.resumed_lane_obs: list[np.ndarray | None] = [None] * self.num_envs  # set by load()
         self.build_extras()
         if self.resume_from is not None:
             self.load(self.resume_from)
@@ -558,9 +557,6 @@ class RLLoop:
         for key in self.POSITION:
             setattr(self, key, loop[key])
         self.rng.bit_generator.state = loop["rng"]
-        self.resumed_lane_obs = [
-            None if obs is None else obs.numpy() for obs in loop.get("lane_obs", [None])
-        ]
         self.mlflow_run_id = state.get("mlflow_run_id")
         self.load_extra_state(state, checkpoint)
         ckpt.restore_rng_state(state["rng"])
