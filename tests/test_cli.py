@@ -132,6 +132,19 @@ def test_debug_shows_the_traceback(workdir):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+def test_a_bug_in_a_command_keeps_its_traceback(monkeypatch, capsys):
+    """Errors by kind: only ConfigError becomes one line; our own bugs propagate."""
+    import covr_lightning.commands.recipes as recipes_command
+
+    def broken(args):
+        raise RuntimeError("a bug in the package")
+
+    monkeypatch.setattr(recipes_command, "run", broken)
+    with pytest.raises(RuntimeError, match="a bug in the package"):
+        main(["recipes"])
+    assert "error:" not in capsys.readouterr().err
+
+
 def test_diverged_training_exits_2_and_keeps_the_last_good_checkpoint(capsys, workdir, monkeypatch):
     (workdir / "exploding.py").write_text(
         "from covr_lightning.policies.sac import SACPolicyModule\n"

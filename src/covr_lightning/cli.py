@@ -1,15 +1,19 @@
-"""``covr-lightning``: train from a recipe (one seed, or a sweep with ``--seeds``), list recipes.
+"""``covr-lightning``: argument parsing, then one command module of :mod:`covr_lightning.commands`.
 
-Every user error (unknown recipe, unknown key, wrong type, unwritable directory, corrupt
-checkpoint, diverged training) ends with one line on stderr naming the problem and the fix and
-exit code 2; ``--debug`` shows the traceback instead.
+This is the only place that knows exit codes and prints errors. Every user error (unknown
+recipe, unknown key, wrong type, unwritable directory, corrupt checkpoint, diverged training) is a
+:class:`~covr_lightning.errors.ConfigError`: one line on stderr naming the problem and the fix,
+exit code 2 (``--debug`` shows the traceback instead). Any other exception is a bug in the
+package and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
+from types import ModuleType
 
 from covr_lightning import __version__
 from covr_lightning.errors import ConfigError
@@ -74,8 +78,12 @@ def build_cli() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--checkpoint", required=True, metavar="PATH", help="run dir, checkpoint dir or state.pt"
     )
-    evaluate.add_argument("--episodes", type=int, default=10, help="episodes (default 10)")
-    evaluate.add_argument("--seed", type=int, help="evaluation seed (default run.seed + 100003)")
+    evaluate.add_argument(
+        "--episodes", type=int, help="episodes (default: the run's run.eval_episodes)"
+    )
+    evaluate.add_argument(
+        "--seed", type=int, help="evaluation seed (default: the run's, as training evaluates)"
+    )
     evaluate.add_argument("--video", action="store_true", help="record the first episode (MP4)")
     evaluate.add_argument("--video-size", type=int, default=256, help="video side in px (256)")
     evaluate.add_argument("--device", default="cpu", help="torch device of the policy (cpu)")
@@ -119,49 +127,11 @@ def build_cli() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_recipes() -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from covr_lightning.config import list_recipes, packaged_recipes_dir
-
-    table = Table(title=f"packaged recipes ({packaged_recipes_dir()})", title_justify="left")
-    table.add_column("recipe", style="bold", no_wrap=True)  # names are typed: never cut them
-    table.add_column("what it runs")
-    for name, summary in list_recipes():
-        table.add_row(name, summary)
-    Console().print(table)
-    return 0
-
-
-def cmd_fit(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from covr_lightning.config import dump_config, load_recipe
-    from covr_lightning.loop.covr_loop import COVRLoop
-    from covr_lightning.loop.plan import plan_table, schedule_of
-    from covr_lightning.loop.rl_loop import run_directory
-
-    if args.seeds is not None:
-        from covr_lightning.tracking.sweep import run_sweep
-
-        return run_sweep(args)
-    if args.parallel is not None:
-        raise ConfigError("--parallel without --seeds", "add --seeds, e.g. --seeds 1,2,3")
-    cfg = load_recipe(args.recipe, args.overrides)
-    if args.dry_run:
-        print(dump_config(cfg), end="")
-        Console().print(plan_table(cfg, run_directory(cfg)))
-        if (rounds := schedule_of(cfg)) is not None:
-            Console().print(rounds)
-        return 0
-    loop = COVRLoop(cfg, resume=args.resume)  # validates the run dir and loads a checkpoint first
-    if args.parent_run_id:  # one seed of a sweep: the sweep printed the plan once
-        loop.tracker.parent_run_id = args.parent_run_id
-    else:
-        Console(stderr=True).print(plan_table(cfg, loop.run_dir))
-    loop.fit()
-    return 0
+def _command(args: argparse.Namespace) -> ModuleType:
+    """The command module that runs ``args`` (imported here only: ``--help`` stays fast)."""
+    if args.command == "fit" and args.seeds is not None:
+        return importlib.import_module("covr_lightning.commands.sweep")
+    return importlib.import_module(f"covr_lightning.commands.{args.command}")
 
 
 def _raise_keyboard_interrupt(signum, frame):
@@ -175,21 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (e.g. a scheduler's kill) takes the same path as Ctrl-C: checkpoint, then exit.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        if args.command == "recipes":
-            return cmd_recipes()
-        if args.command == "evaluate":
-            from covr_lightning.evaluate import cmd_evaluate
-
-            return cmd_evaluate(args)
-        if args.command == "export":
-            from covr_lightning.export import cmd_export
-
-            return cmd_export(args)
-        if args.command == "compare":
-            from covr_lightning.tracking.compare import cmd_compare
-
-            return cmd_compare(args)
-        return cmd_fit(args)
+        return _command(args).run(args)
     except ConfigError as err:
         if debug:
             raise

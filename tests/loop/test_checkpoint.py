@@ -35,7 +35,7 @@ def test_save_points_last_at_newest_and_prunes(tmp_path, fabric):
     assert kept == ["env_step_000000200", "env_step_000000300"]
     latest = ckpt.latest_checkpoint(tmp_path)
     assert latest.name == "env_step_000000300"
-    assert ckpt.load_checkpoint(fabric, latest)["x"].item() == 300
+    assert ckpt.read_state(latest, fix="")["x"].item() == 300
 
 
 def test_interrupted_write_leaves_previous_checkpoint(tmp_path, fabric):
@@ -58,7 +58,7 @@ def test_corrupt_state_file_is_a_config_error(tmp_path, fabric):
     path = ckpt.save_checkpoint(fabric, tmp_path, 100, {"x": 1}, {"replay": _FakeReplay()})
     (path / ckpt.STATE_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="corrupt or unreadable.*Fix: resume from an older"):
-        ckpt.load_checkpoint(fabric, path)
+        ckpt.read_state(path, fix="")
 
 
 def test_resume_without_checkpoint_explains(tmp_path):
@@ -75,6 +75,6 @@ def test_rng_round_trip_through_a_weights_only_checkpoint(tmp_path, fabric):
     )
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    state = ckpt.load_checkpoint(fabric, ckpt.latest_checkpoint(tmp_path))
+    state = ckpt.read_state(ckpt.latest_checkpoint(tmp_path), fix="")
     ckpt.restore_rng_state(state["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

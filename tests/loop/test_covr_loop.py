@@ -17,9 +17,10 @@ import torch
 from tests.helpers import TINY
 
 import covr_lightning
+from covr_lightning.build import build_loop
 from covr_lightning.config import load_recipe
 from covr_lightning.errors import ConfigError
-from covr_lightning.loop.checkpoint import STATE_FILE, latest_checkpoint, load_checkpoint
+from covr_lightning.loop.checkpoint import STATE_FILE, latest_checkpoint, read_state
 from covr_lightning.loop.covr_loop import COVRLoop
 from covr_lightning.loop.rl_loop import RLLoop
 from covr_lightning.tracking.progress import TrainingProgress
@@ -41,9 +42,10 @@ COVR_TINY = [
 ]
 
 
-def _loop(overrides: list[str], name: str, resume=None, loop_class=COVRLoop):
+def _loop(overrides: list[str], name: str, resume=None):
+    """The loop the builder picks for the quickstart with ``overrides``."""
     cfg = load_recipe("quickstart", [*overrides, f"run.name={name}"])
-    return loop_class(cfg, resume=resume)
+    return build_loop(cfg, resume=resume)
 
 
 def _metric(client, run_id: str, key: str) -> list:
@@ -119,7 +121,7 @@ def test_priors_are_stored_only_in_guided_rounds(finished):
 
 def test_checkpoint_holds_adapter_d_f_and_position(finished):
     loop, _ = finished
-    state = load_checkpoint(loop.fabric, latest_checkpoint(loop.run_dir))
+    state = read_state(latest_checkpoint(loop.run_dir), fix="")
     assert state["loop"]["round_index"] == 4 and state["loop"]["phase"] == "rl"
     adapter = state["covr"]["adapter"]
     assert adapter and all("lora_" in k for k in adapter)
@@ -147,17 +149,21 @@ def test_resume_between_the_phases_finishes_like_one_run(workdir):
     ]  # fmt: skip
 
 
-def test_disabled_covr_is_the_base_algorithm(workdir):
-    overrides = [*TINY, "run.total_env_steps=400", "covr.enabled=false"]
-    covr_off = _loop(overrides, "off")
-    covr_off.fit()
-    base = _loop(overrides, "base", loop_class=RLLoop)
-    base.fit()
-    assert covr_off.vlm is None and "prior" not in covr_off.replay.extras
-    assert covr_off.updates == base.updates > 0
-    for name, value in base.module.state_dict().items():
-        if torch.is_tensor(value) and value.is_floating_point():
-            assert torch.equal(value, covr_off.module.state_dict()[name]), name
+def test_the_builder_picks_the_loop_by_covr_enabled(workdir):
+    off = _loop([*TINY, "covr.enabled=false", "tracking.enabled=false"], "off")
+    assert type(off) is RLLoop and "prior" not in off.replay.extras
+    on = _loop([*COVR_TINY, "tracking.enabled=false"], "on")
+    assert type(on) is COVRLoop and "prior" in on.replay.extras
+
+
+def test_checkpoints_of_the_other_loop_are_refused(workdir):
+    overrides = [*TINY, "run.total_env_steps=200", "tracking.enabled=false"]
+    _loop([*overrides, "covr.enabled=false"], "plain").fit()
+    with pytest.raises(ConfigError, match="covr.enabled=false"):
+        _loop([*overrides, "covr.psi_0=100"], "plain", resume="last")
+    _loop([*COVR_TINY, "run.total_env_steps=200", "tracking.enabled=false"], "covr").fit()
+    with pytest.raises(ConfigError, match="written by a COVR run"):
+        _loop([*overrides, "covr.enabled=false"], "covr", resume="last")
 
 
 def test_missing_vlm_section_is_a_config_error(workdir, tmp_path):
@@ -167,7 +173,7 @@ def test_missing_vlm_section_is_a_config_error(workdir, tmp_path):
     path = tmp_path / "novlm.yaml"
     path.write_text(trimmed)
     with pytest.raises(ConfigError, match="no vlm section"):
-        COVRLoop(load_recipe(str(path)))
+        build_loop(load_recipe(str(path)))
 
 
 def _env() -> dict[str, str]:

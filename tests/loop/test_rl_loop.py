@@ -10,13 +10,18 @@ from tests.helpers import TINY
 
 from covr_lightning.config import load_recipe
 from covr_lightning.loop.checkpoint import latest_checkpoint
+from covr_lightning.build import build_loop
 from covr_lightning.loop.rl_loop import RLLoop
 from covr_lightning.tracking.progress import TrainingProgress
 
 
 def _fit(total: int, name: str, resume=None) -> RLLoop:
-    cfg = load_recipe("quickstart", [*TINY, f"run.total_env_steps={total}", f"run.name={name}"])
-    loop = RLLoop(cfg, resume=resume)
+    cfg = load_recipe(
+        "quickstart",
+        [*TINY, "covr.enabled=false", f"run.total_env_steps={total}", f"run.name={name}"],
+    )
+    loop = build_loop(cfg, resume=resume)
+    assert type(loop) is RLLoop
     loop.fit()
     return loop
 
@@ -60,8 +65,11 @@ def test_training_in_rounds_equals_one_call(workdir):
     """COVR calls train_until once per round; rounds ending mid-episode must not cut episodes."""
 
     def trained(targets: list[int], name: str) -> RLLoop:
-        cfg = load_recipe("quickstart", [*TINY, "tracking.enabled=false", f"run.name={name}"])
-        loop = RLLoop(cfg)
+        cfg = load_recipe(
+            "quickstart",
+            [*TINY, "covr.enabled=false", "tracking.enabled=false", f"run.name={name}"],
+        )
+        loop = build_loop(cfg)
         with TrainingProgress(targets[-1]) as loop.progress:
             for target in targets:
                 loop.train_until(target)

@@ -8,7 +8,6 @@ import pytest
 from tests.loop.test_covr_loop import COVR_TINY, _loop
 
 from covr_lightning.errors import ConfigError
-from covr_lightning.loop.rl_loop import RLLoop
 
 
 def test_covr_with_two_envs_uses_both_and_batches_the_guide(workdir):
@@ -39,20 +38,18 @@ def test_resume_with_another_num_envs_is_refused(workdir):
     from tests.helpers import TINY
 
     overrides = [*TINY, "run.total_env_steps=160", "covr.enabled=false", "run.num_envs=2"]
-    first = _loop([*overrides, "tracking.enabled=false"], "n2", loop_class=RLLoop)
+    first = _loop([*overrides, "tracking.enabled=false"], "n2")
     first.fit()
     with pytest.raises(ConfigError, match="run.num_envs=2"):
         _loop(
             [*overrides[:-1], "run.num_envs=1", "tracking.enabled=false"],
             "n2",
             resume="last",
-            loop_class=RLLoop,
         )
     again = _loop(
         [*overrides[:-1], "run.num_envs=2", "run.total_env_steps=320", "tracking.enabled=false"],
         "n2",
         resume="last",
-        loop_class=RLLoop,
     )
     again.fit()
     assert 320 <= again.env_steps < 320 + 16

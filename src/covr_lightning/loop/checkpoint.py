@@ -117,18 +117,24 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
     )
 
 
-def load_checkpoint(fabric, checkpoint: Path) -> dict[str, Any]:
-    """Read ``state.pt`` of a checkpoint directory.
+def read_state(checkpoint: Path, fix: str, mmap: bool = False) -> dict[str, Any]:
+    """Read ``state.pt`` of a checkpoint directory onto the CPU (tensors only, no pickled code).
+
+    The one reader of checkpoints: ``--resume`` loads the whole state through it, ``evaluate``
+    and ``export`` only the policy's weights (with ``mmap``, only the tensors touched are read).
+
+    Args:
+        checkpoint: The checkpoint directory.
+        fix: The fix line of the error, which depends on what the caller was doing.
+        mmap: Memory-map the file instead of reading it whole.
 
     Raises:
         ConfigError: The file is missing, truncated, corrupt or of another format version.
     """
-    fix = (
-        f"resume from an older checkpoint in {checkpoint.parent} with --resume PATH, "
-        "or start a fresh run with run.name=NEW"
-    )
     try:
-        state = fabric.load(checkpoint / STATE_FILE, weights_only=True)
+        state = torch.load(
+            checkpoint / STATE_FILE, map_location="cpu", weights_only=True, mmap=mmap
+        )
     except Exception as err:  # torch raises RuntimeError/EOFError/UnpicklingError/OSError
         raise ConfigError(
             f"checkpoint {checkpoint} is corrupt or unreadable ({type(err).__name__})", fix
@@ -136,6 +142,22 @@ def load_checkpoint(fabric, checkpoint: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise ConfigError(f"checkpoint {checkpoint} has an unknown format", fix)
     return state
+
+
+def class_path(obj: object) -> str:
+    """``module.Qualname`` of ``obj``'s class: how a checkpoint names the policy it holds."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def require_policy_class(state: dict[str, Any], policy: object, checkpoint: Path, fix: str) -> None:
+    """Refuse a checkpoint whose policy class differs from the one the recipe builds.
+
+    Raises:
+        ConfigError: The checkpoint names another class.
+    """
+    saved, built = state.get("policy_class"), class_path(policy)
+    if saved != built:
+        raise ConfigError(f"checkpoint {checkpoint} holds a {saved}, the recipe builds {built}", fix)
 
 
 def _write_atomic(path: Path, text: str) -> None:

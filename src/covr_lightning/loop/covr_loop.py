@@ -27,121 +27,105 @@ which a Fabric precision plugin would otherwise cast.
 from __future__ import annotations
 
 import time
-from functools import partial
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from jsonargparse import Namespace
 
-from covr_lightning.config import COVRConfig, import_class, instantiate
-from covr_lightning.errors import ConfigError, TrainingDivergedError, require_all
-from covr_lightning.loop.rl_loop import RLLoop
+from covr_lightning.config import COVRConfig
+from covr_lightning.data.sft import SFTDataModule
+from covr_lightning.errors import ConfigError, TrainingDivergedError
+from covr_lightning.loop.rl_loop import RLLoop, RLParts
 from covr_lightning.loop.schedule import Round, plan_rounds, schedule_table
+from covr_lightning.vlm.codecs import NumericCodec, PhraseCodec
+from covr_lightning.vlm.guide import Guide
+from covr_lightning.vlm.module import VLMLoRAModule
 
 SFT_DIR = "sft"
 PHASES = ("rl", "vlm")
 
 
+@dataclass
+class COVRParts:
+    """What :func:`covr_lightning.build.build_covr_parts` builds for the VLM side of a run.
+
+    Attributes:
+        vlm: The VLM with its LoRA adapter (eval mode).
+        codec: The env's action codec (action <-> text).
+        guide: Turns frames into priors a_v (and validity flags).
+        sft: D_f: rows and rewards of the agent's experience, filtered and weighted per round.
+        collate: Turns SFT examples into the VLM's token batches.
+    """
+
+    vlm: VLMLoRAModule
+    codec: NumericCodec | PhraseCodec
+    guide: Guide
+    sft: SFTDataModule
+    collate: Callable
+
+
 class COVRLoop(RLLoop):
     """COVR around any :class:`~covr_lightning.policies.sac.SACPolicyModule` subclass.
 
+    Build it with :func:`covr_lightning.build.build_loop` (a recipe with ``covr.enabled: true``).
+
     Args:
         cfg: The resolved recipe (with ``covr``, ``vlm`` and ``sft`` sections).
-        resume: ``None`` for a fresh run, ``"last"`` or a checkpoint/run path to continue one.
+        parts: The RL side the builder built.
+        covr_parts: The VLM side the builder built.
+        run_dir: The run directory.
+        resume_from: A checkpoint directory to continue from, or ``None`` for a fresh run.
     """
 
     POSITION = (*RLLoop.POSITION, "round_index", "phase", "steps_since_query")
 
-    def __init__(self, cfg: Namespace, resume: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Namespace,
+        parts: RLParts,
+        covr_parts: COVRParts,
+        run_dir: Path,
+        resume_from: Path | None = None,
+    ) -> None:
         self.covr = COVRConfig(**cfg.covr.as_dict())
-        if self.covr.enabled and (cfg.get("vlm") is None or cfg.get("sft") is None):
-            missing = "vlm" if cfg.get("vlm") is None else "sft"
-            raise ConfigError(
-                f"covr.enabled is true but the recipe has no {missing} section",
-                f"add a {missing} section (see the dmc_cheetah recipe) or set covr.enabled=false",
-            )
-        _check_covr(self.covr)
         self.round_index = 0
         self.phase = "rl"
-        self.steps_since_query: list[int] = []  # per env: frames since its last guide query
-        self.vlm = None
-        self.sft = None
-        self.guide = None
-        super().__init__(cfg, resume)
-
-    # ------------------------------------------------------------------ building
-
-    def declare_replay_extras(self) -> None:
-        """a_v and its validity flag beside every transition (COVR only)."""
-        if self.covr.enabled:
-            action_dim = int(self.env.action_space.shape[0])
-            self.replay.declare_extra("prior", (action_dim,), np.float32, 0.0)
-            self.replay.declare_extra("prior_mask", (), np.float32, 0.0)
-
-    def build_extras(self) -> None:
-        """Schedule, VLM, guide and D_f (only the schedule when COVR is off)."""
-        total = self.run.total_env_steps
-        if not self.covr.enabled:
-            self.rounds = [Round(0, 0, total, guided=False, fine_tune=False)]
-            return
+        self.vlm = covr_parts.vlm
+        self.codec = covr_parts.codec
+        self.guide = covr_parts.guide
+        self.sft = covr_parts.sft
+        self.collate = covr_parts.collate
+        total = int(cfg.run.total_env_steps)
         self.rounds = plan_rounds(
             total, self.covr.psi_0, self.covr.growth, self.covr.cold_start_rounds
         )
-        from covr_lightning.vlm.codecs import make_codec
-        from covr_lightning.vlm.guide import Guide
-        from covr_lightning.vlm.prompting import ActionPrompt, encode_sft_batch
-
-        self.vlm = self._build_vlm()
-        space = self.env.action_space
-        self.codec = make_codec(
-            self.covr.codec or getattr(self.env, "codec_kind", "numeric"), space.low, space.high
-        )
-        task = self.covr.task or getattr(self.env, "task_description", "")
-        if not task:
-            raise ConfigError(
-                f"env {type(self.env).__name__} has no task_description for the VLM prompt",
-                "set covr.task to a sentence describing the task",
-            )
-        self.guide = Guide(
-            self.vlm,
-            ActionPrompt(task, self.codec.describe()),
-            self.codec,
-            max_new_tokens=self.covr.max_new_tokens or None,
-            batch_size=self.covr.guide_batch_size,
-        )
-        self.collate = partial(encode_sft_batch, self.vlm.processor, self.guide.prompt_text)
-        sft_args = self.cfg.sft.init_args.as_dict() if self.cfg.sft.get("init_args") else {}
-        if sft_args.get("gamma") is None:  # the return-to-go discounts like the critic
-            sft_args["gamma"] = float(getattr(self.module, "gamma", 0.99))
-        self.sft = import_class(self.cfg.sft.class_path)(**sft_args, seed=self.run.seed)
-        action_dim = int(space.shape[0])
-        n = self.num_envs
-        self.steps_since_query = [0] * n
+        n = parts.envs.num_envs
+        action_dim = int(parts.eval_env.action_space.shape[0])
+        self.steps_since_query = [0] * n  # per env: frames since its last guide query
         self.prior_action = np.zeros((n, action_dim), np.float32)  # a_v of each env's last query
         self.prior_valid = np.zeros(n, dtype=bool)
         self._vlm_frames: list[np.ndarray | None] = [None] * n  # this step's renders, if any
         self._guide_seconds = 0.0
         self._prior_distances: list[float] = []
         self.phase_seconds = {"rl": 0.0, "vlm": 0.0}
+        super().__init__(cfg, parts, run_dir, resume_from)
 
-    def _build_vlm(self):
-        vlm_cfg = self.cfg.vlm
-        init_args = vlm_cfg.init_args.as_dict() if vlm_cfg.get("init_args") else {}
-        if not init_args.get("device"):
-            init_args["device"] = str(self.fabric.device)  # beside the policy unless told
-        cls = import_class(vlm_cfg.class_path)
-        vlm = cls(**init_args)
-        vlm.eval()
-        return vlm
+    # ------------------------------------------------------------------ building
+
+    def declare_replay_extras(self) -> None:
+        """a_v and its validity flag beside every transition."""
+        action_dim = int(self.env.action_space.shape[0])
+        self.replay.declare_extra("prior", (action_dim,), np.float32, 0.0)
+        self.replay.declare_extra("prior_mask", (), np.float32, 0.0)
 
     # ------------------------------------------------------------------ rounds
 
     def run_training(self) -> None:
         """Rounds of RL (+ guidance) and VLM fine-tuning up to the budget."""
-        if not self.covr.enabled:
-            super().run_training()
-            return
         self.progress.console.print(schedule_table(self.rounds, self.action_repeat))
         vlm = self.vlm
         self.progress.log(
@@ -266,46 +250,39 @@ class COVRLoop(RLLoop):
         """
         n = len(obs)
         self._vlm_frames = [None] * n
-        ask = np.zeros(n, dtype=bool)
-        if self.covr.enabled:
-            steps = np.asarray(self.steps_since_query)
-            query = steps % self.covr.guide_every == 0
-            needed = query | (steps % self.covr.sft_every == 0)
-            if needed.any():
-                size = self.covr.vlm_image_size
-                # One call renders every env (workers render in parallel); unneeded ones are
-                # dropped. Envs share a schedule unless their episodes differ in length.
-                frames = self.envs.render(size, size)
-                for lane in np.flatnonzero(needed):
-                    self._vlm_frames[lane] = frames[lane]
-            ask = query & (self.module.prior_weight > 0)  # guided round: ask the VLM
-            if ask.any():
-                lanes = np.flatnonzero(ask)
-                start = time.perf_counter()
-                actions, valid = self.guide.propose(frames[lanes])
-                self._guide_seconds += time.perf_counter() - start
-                self.prior_action[lanes] = actions
-                self.prior_valid[lanes] = valid
+        steps = np.asarray(self.steps_since_query)
+        query = steps % self.covr.guide_every == 0
+        needed = query | (steps % self.covr.sft_every == 0)
+        if needed.any():
+            size = self.covr.vlm_image_size
+            # One call renders every env (workers render in parallel); unneeded ones are
+            # dropped. Envs share a schedule unless their episodes differ in length.
+            frames = self.envs.render(size, size)
+            for lane in np.flatnonzero(needed):
+                self._vlm_frames[lane] = frames[lane]
+        ask = query & (self.module.prior_weight > 0)  # guided round: ask the VLM
+        if ask.any():
+            lanes = np.flatnonzero(ask)
+            start = time.perf_counter()
+            actions, valid = self.guide.propose(frames[lanes])
+            self._guide_seconds += time.perf_counter() - start
+            self.prior_action[lanes] = actions
+            self.prior_valid[lanes] = valid
         actions = super().select_actions(obs)
-        if self.covr.enabled:
-            for lane in np.flatnonzero(ask & self.prior_valid):
-                self._prior_distances.append(
-                    float(np.linalg.norm(self.prior_action[lane] - actions[lane]))
-                )
-            self.steps_since_query = [step + 1 for step in self.steps_since_query]
+        for lane in np.flatnonzero(ask & self.prior_valid):
+            self._prior_distances.append(
+                float(np.linalg.norm(self.prior_action[lane] - actions[lane]))
+            )
+        self.steps_since_query = [step + 1 for step in self.steps_since_query]
         return actions
 
     def transition_extras(self, lane: int) -> dict[str, Any]:
         """Env ``lane``'s current prior and its mask (invalid, or not yet guided: mask 0)."""
-        if not self.covr.enabled:
-            return {}
         guided = self.module.prior_weight > 0 and bool(self.prior_valid[lane])
         return {"prior": self.prior_action[lane], "prior_mask": np.float32(guided)}
 
     def after_step(self, lane, action, reward, next_obs, terminated, truncated) -> None:
         """Feed D_f: every reward, a row where the VLM-sized frame was rendered."""
-        if not self.covr.enabled:
-            return
         frame = self._vlm_frames[lane]
         if frame is not None and self._is_row_step(lane):
             self.sft.record_step(
@@ -329,24 +306,22 @@ class COVRLoop(RLLoop):
 
     def start_episode(self, lane: int = 0) -> np.ndarray:
         """New episode in env ``lane``: its next frame is a query frame."""
-        if self.covr.enabled:
-            self.steps_since_query[lane] = 0
+        self.steps_since_query[lane] = 0
         return super().start_episode(lane)
 
     def log_train_metrics(self) -> None:
         """Base metrics plus the guide's invalid rate, prior distance and time per query."""
-        if self.covr.enabled and self.guide is not None:
-            metrics: dict[str, float] = {}
-            queries = self.guide.queries
-            rate = self.guide.pop_invalid_rate()
-            if rate is not None:
-                metrics["guide/invalid_rate"] = rate
-                metrics["guide/query_ms"] = 1000 * self._guide_seconds / queries
-            if self._prior_distances:
-                metrics["guide/prior_distance"] = float(np.mean(self._prior_distances))
-            self._guide_seconds, self._prior_distances = 0.0, []
-            if metrics:
-                self.tracker.log_metrics(metrics, step=self.env_steps)
+        metrics: dict[str, float] = {}
+        queries = self.guide.queries
+        rate = self.guide.pop_invalid_rate()
+        if rate is not None:
+            metrics["guide/invalid_rate"] = rate
+            metrics["guide/query_ms"] = 1000 * self._guide_seconds / queries
+        if self._prior_distances:
+            metrics["guide/prior_distance"] = float(np.mean(self._prior_distances))
+        self._guide_seconds, self._prior_distances = 0.0, []
+        if metrics:
+            self.tracker.log_metrics(metrics, step=self.env_steps)
         super().log_train_metrics()
 
     # ------------------------------------------------------------------ critic values
@@ -372,34 +347,31 @@ class COVRLoop(RLLoop):
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_stores(self) -> dict[str, Any]:
-        """Replay and, with COVR, D_f."""
-        stores = super().checkpoint_stores()
-        if self.covr.enabled:
-            stores[SFT_DIR] = self.sft
-        return stores
+        """Replay and D_f."""
+        return {**super().checkpoint_stores(), SFT_DIR: self.sft}
 
     def state_dict(self) -> dict[str, Any]:
         """Base state plus the adapter and the current prior."""
         state = super().state_dict()
-        if self.covr.enabled:
-            state["covr"] = {
-                "adapter": self.vlm.adapter_state_dict(),
-                "prior_action": torch.from_numpy(self.prior_action.copy()),
-                "prior_valid": torch.from_numpy(self.prior_valid.copy()),
-                "phase_seconds": dict(self.phase_seconds),
-            }
+        state["covr"] = {
+            "adapter": self.vlm.adapter_state_dict(),
+            "prior_action": torch.from_numpy(self.prior_action.copy()),
+            "prior_valid": torch.from_numpy(self.prior_valid.copy()),
+            "phase_seconds": dict(self.phase_seconds),
+        }
         return state
 
-    def load_extra_state(self, state: dict[str, Any], checkpoint) -> None:
-        """The adapter and the prior."""
-        if not self.covr.enabled:
-            return
-        covr_state = state.get("covr")
-        if covr_state is None:
+    def check_state_kind(self, state: dict[str, Any], checkpoint: Path) -> None:
+        """Refuse a checkpoint of a run without COVR: it has no adapter, prior or D_f."""
+        if "covr" not in state:
             raise ConfigError(
                 f"checkpoint {checkpoint} was written with covr.enabled=false",
                 "resume with the recipe and overrides the run started with",
             )
+
+    def load_extra_state(self, state: dict[str, Any], checkpoint: Path) -> None:
+        """The adapter and the prior."""
+        covr_state = state["covr"]
         try:
             self.vlm.load_adapter_state_dict(covr_state["adapter"])
         except ValueError as err:
@@ -411,8 +383,6 @@ class COVRLoop(RLLoop):
         self.prior_action = covr_state["prior_action"].numpy().astype(np.float32).reshape(n, -1)
         self.prior_valid = np.asarray(covr_state["prior_valid"], dtype=bool).reshape(n)
         self.phase_seconds = dict(covr_state["phase_seconds"])
-        if isinstance(self.steps_since_query, int):  # checkpoints from before run.num_envs
-            self.steps_since_query = [self.steps_since_query]
         # Env state is not checkpointed: the resumed run starts new episodes, so the episode
         # segments that were open in D_f end here, bootstrapped from where they stood.
         saved_obs = state["loop"].get("lane_obs", [])
@@ -422,20 +392,4 @@ class COVRLoop(RLLoop):
             self.sft.end_segment(bootstrap=value, truncated=True, stream=lane)
 
 
-def _check_covr(covr: COVRConfig) -> None:
-    checks = [
-        (covr.psi_0 > 0, f"covr.psi_0 must be > 0, got {covr.psi_0}"),
-        (covr.guide_every >= 1, f"covr.guide_every must be >= 1, got {covr.guide_every}"),
-        (covr.sft_every >= 1, f"covr.sft_every must be >= 1, got {covr.sft_every}"),
-        (covr.prior_weight >= 0, f"covr.prior_weight must be >= 0, got {covr.prior_weight}"),
-        (covr.cold_start_rounds >= 0, "covr.cold_start_rounds must be >= 0"),
-        (
-            covr.vlm_image_size >= 28,
-            f"covr.vlm_image_size must be >= 28, got {covr.vlm_image_size}",
-        ),
-        (covr.sft_epochs >= 1, f"covr.sft_epochs must be >= 1, got {covr.sft_epochs}"),
-    ]
-    require_all(checks)
-
-
-__all__ = ["PHASES", "COVRLoop", "instantiate"]
+__all__ = ["PHASES", "COVRLoop", "COVRParts"]

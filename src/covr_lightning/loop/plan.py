@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -12,20 +11,10 @@ from covr_lightning.config import import_class
 from covr_lightning.tracking.mlflow import resolve_tracking_uri
 
 
-def resolved_action_repeat(cfg: Namespace) -> int | None:
-    """The env's action repeat from the recipe, or the env class's per-task default."""
-    init_args = cfg.env.init_args
-    if init_args.get("action_repeat"):
-        return int(init_args.action_repeat)
-    env_cls = import_class(cfg.env.class_path)
-    default = getattr(env_cls, "default_action_repeat", None)
-    if callable(default) and init_args.get("domain"):
-        return int(default(init_args.domain))
-    # Otherwise the constructor's own default, when it is a number (CarRacing, CARLA).
-    parameter = inspect.signature(env_cls).parameters.get("action_repeat")
-    if parameter is not None and isinstance(parameter.default, int):
-        return parameter.default
-    return None
+def resolved_action_repeat(cfg: Namespace) -> int:
+    """The env's action repeat: the recipe's, or the env class's default for its task."""
+    init_args = cfg.env.init_args.as_dict() if cfg.env.get("init_args") else {}
+    return int(import_class(cfg.env.class_path).resolved_action_repeat(init_args))
 
 
 def plan_table(cfg: Namespace, run_dir: Path) -> Table:
@@ -34,15 +23,14 @@ def plan_table(cfg: Namespace, run_dir: Path) -> Table:
     table = Table(title="training plan", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
     table.add_column("value")
-    agent = f"{run.total_env_steps // repeat:,} agent steps" if repeat else "agent steps per env"
+    agent = f"{run.total_env_steps // repeat:,} agent steps"
     table.add_row("budget", f"{run.total_env_steps:,} env steps ({agent}, action repeat {repeat})")
     warmup = f"{run.seed_env_steps:,} env steps of random actions"
     table.add_row("warm-up", warmup)
-    envs = run.get("num_envs", 1)
+    envs = run.num_envs
     table.add_row("envs", f"{envs} ({'worker processes' if envs > 1 else 'in this process'})")
-    if repeat:
-        updates = max(run.total_env_steps - run.seed_env_steps, 0) // repeat
-        table.add_row("updates", f"{updates:,} (one per agent step after warm-up)")
+    updates = max(run.total_env_steps - run.seed_env_steps, 0) // repeat
+    table.add_row("updates", f"{updates:,} (one per agent step after warm-up)")
     table.add_row("batch", str(cfg.replay.init_args.get("batch_size")))
     table.add_row("replay capacity", f"{cfg.replay.init_args.get('capacity'):,} transitions")
     table.add_row(

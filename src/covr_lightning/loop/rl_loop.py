@@ -7,9 +7,11 @@ observations, N transitions into N replay streams, N updates, and env steps summ
 Around it: evaluation of the deterministic policy, metrics to MLflow keyed by env step,
 whole-state checkpoints at episode ends, and resume.
 
-The COVR issue extends this class into the two-phase loop: :meth:`RLLoop.train_until` runs the RL
-phase up to an env step and :meth:`RLLoop.transition_extras` is where the VLM prior joins each
-stored transition, so the round structure can be added around it without rewriting the inner loop.
+:class:`~covr_lightning.loop.covr_loop.COVRLoop` extends this class into COVR's two-phase loop:
+:meth:`RLLoop.train_until` runs the RL phase up to an env step and the hooks below (e.g.
+:meth:`RLLoop.transition_extras`, where the VLM prior joins each stored transition) carry the
+guidance, so the rounds sit around the inner loop without rewriting it. The loop builds nothing
+from the recipe: :func:`covr_lightning.build.build_loop` hands it what it needs (:class:`RLParts`).
 Fabric facts designed around (see docs/architecture.md): ``fabric.call`` reaches only registered
 callbacks, so the loop calls module methods itself; ``LightningModule.log`` carries no step under
 Fabric, so the loop logs with the env step explicitly; each of SAC's three optimizers goes through
@@ -21,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +33,38 @@ import yaml
 from jsonargparse import Namespace
 from lightning import Fabric
 
-from covr_lightning.config import (
-    RunConfig,
-    TrackingConfig,
-    config_to_dict,
-    dump_config,
-    import_class,
-    instantiate,
-)
-from covr_lightning.envs.vector import EnvPool, env_factories
+from covr_lightning.config import RunConfig, config_to_dict, dump_config
+from covr_lightning.data.replay import ReplayDataModule
+from covr_lightning.envs.base import PixelEnv
+from covr_lightning.envs.vector import EnvPool
 from covr_lightning.errors import ConfigError, TrainingDivergedError
 from covr_lightning.loop import checkpoint as ckpt
+from covr_lightning.loop.episodes import EpisodeResults, evaluation_seed, run_episodes
+from covr_lightning.policies.sac import SACPolicyModule
 from covr_lightning.tracking.mlflow import MLflowTracker, flatten
 from covr_lightning.tracking.progress import TrainingProgress
+
+
+@dataclass
+class RLParts:
+    """What :func:`covr_lightning.build.build_rl_parts` builds for a loop.
+
+    Attributes:
+        fabric: The run's Fabric (global RNGs already seeded from ``run.seed``).
+        eval_env: An in-process env: evaluation runs on it, and its spaces, frame shape, repeat,
+            codec and task size everything else.
+        envs: The ``run.num_envs`` training envs.
+        policy: The policy module (not yet set up by Fabric).
+        replay: The replay buffer (not yet allocated: the loop declares its extras first).
+        tracker: The MLflow tracker.
+    """
+
+    fabric: Fabric
+    eval_env: PixelEnv
+    envs: EnvPool
+    policy: SACPolicyModule
+    replay: ReplayDataModule
+    tracker: MLflowTracker
 
 
 class RunningMeans:
@@ -71,17 +93,16 @@ def next_multiple(value: int, every: int) -> int:
     return (value // every + 1) * every
 
 
-def run_directory(cfg: Namespace) -> Path:
-    """``<run.dir>/<tracking.experiment>/<run.name>``."""
-    return Path(cfg.run.dir) / cfg.tracking.experiment / cfg.run.name
-
-
 class RLLoop:
-    """Plain off-policy RL (SAC and its subclasses) from a validated recipe.
+    """Plain off-policy RL (SAC and its subclasses): the loop a recipe without COVR runs.
+
+    Build it with :func:`covr_lightning.build.build_loop`.
 
     Args:
         cfg: The resolved recipe (see :func:`covr_lightning.config.load_recipe`).
-        resume: ``None`` for a fresh run, ``"last"`` or a checkpoint/run path to continue one.
+        parts: What the builder built from it.
+        run_dir: The run directory (checked writable by the builder).
+        resume_from: A checkpoint directory to continue from, or ``None`` for a fresh run.
     """
 
     POSITION = (
@@ -98,46 +119,28 @@ class RLLoop:
     )
     """Counters that place the run in time; checkpointed and restored as a group."""
 
-    def __init__(self, cfg: Namespace, resume: str | None = None) -> None:
+    def __init__(
+        self, cfg: Namespace, parts: RLParts, run_dir: Path, resume_from: Path | None = None
+    ) -> None:
         self.cfg = cfg
         self.run: RunConfig = RunConfig(**cfg.run.as_dict())
-        self.tracking = TrackingConfig(**cfg.tracking.as_dict())
-        self.run_dir = run_directory(cfg)
-        self.resume_from = self._prepare_run_dir(resume)
-
-        self.fabric = Fabric(
-            accelerator=self.run.accelerator, devices=1, precision=self.run.precision
-        )
-        self.fabric.seed_everything(self.run.seed, verbose=False)
-
-        env_class = import_class(cfg.env.class_path)
-        most = getattr(env_class, "max_num_envs", None)
-        if not 1 <= self.run.num_envs <= (most or self.run.num_envs):
-            raise ConfigError(
-                f"run.num_envs={self.run.num_envs}, but {env_class.__name__} runs 1 to "
-                f"{most or 'any number of'} training env(s) per run",
-                f"set run.num_envs={most or 1}",
-            )
-        self.eval_env = instantiate(cfg.env, seed=self.run.seed + 100_003)
-        self._check_env(self.eval_env)
-        # An in-process env of the recipe whose attributes (spaces, frame shape, repeat, codec,
-        # task) size everything; the training envs below may live in other processes.
+        self.run_dir = run_dir
+        self.resume_from = resume_from
+        self.fabric = parts.fabric
+        self.eval_env = parts.eval_env
+        # The in-process env whose attributes (spaces, frame shape, repeat, codec, task) size
+        # everything; the training envs may live in other processes.
         self.env = self.eval_env
-        self.num_envs = self.run.num_envs
-        # Info keys the env reports per episode (CARLA: driving distance), logged at episode end.
-        self.episode_metric_keys = tuple(getattr(self.env, "episode_metrics", ()))
-        init_args = cfg.env.init_args.as_dict() if cfg.env.get("init_args") else {}
-        seeds = [self.run.seed + i for i in range(self.num_envs)]
-        self.envs = EnvPool(env_factories(cfg.env.class_path, init_args, seeds))
+        self.envs = parts.envs
+        self.num_envs = self.envs.num_envs
+        self.episode_metric_keys = tuple(self.env.episode_metrics)
         obs_space, act_space = self.env.observation_space, self.env.action_space
 
-        policy = instantiate(
-            cfg.policy, obs_shape=tuple(obs_space.shape), action_dim=int(act_space.shape[0])
-        )
+        policy = parts.policy
         self.policy, *self.optimizers = self.fabric.setup(policy, *policy.configure_optimizers())
         self.module = self.policy.module  # the LightningModule itself, for its non-step methods
 
-        self.replay = instantiate(cfg.replay, seed=self.run.seed)
+        self.replay = parts.replay
         self.declare_replay_extras()
         self.replay.allocate(
             frame_shape=tuple(self.env.frame_shape),
@@ -148,6 +151,7 @@ class RLLoop:
         )
         self.action_low, self.action_high = act_space.low, act_space.high
         self.action_repeat = int(self.env.action_repeat)
+        self.eval_seed = evaluation_seed(self.run.seed)
 
         self.rng = np.random.default_rng(self.run.seed)
         self.env_steps = 0
@@ -161,9 +165,7 @@ class RLLoop:
         self.last_episode_return = math.nan
         self.last_eval_return = math.nan
         self.mlflow_run_id: str | None = None
-        self.tracker = MLflowTracker(
-            self.tracking.experiment, self.tracking.uri, enabled=self.tracking.enabled
-        )
+        self.tracker = parts.tracker
         self._means = RunningMeans()
         self._update_seconds = 0.0
         self._updates_in_window = 0
@@ -175,44 +177,7 @@ class RLLoop:
         self.lane_return = np.zeros(self.num_envs)
         self.lane_start_env_step = np.zeros(self.num_envs, dtype=np.int64)
         self.lane_info: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
-        self.last_eval_metrics: dict[str, list[float]] = {}  # per-episode env metrics of the eval
-        self.build_extras()
-        if self.resume_from is not None:
-            self.load(self.resume_from)
-
-    # ------------------------------------------------------------------ setup helpers
-
-    def _prepare_run_dir(self, resume: str | None) -> Path | None:
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as err:
-            raise ConfigError(
-                f"cannot write the run directory {self.run_dir} ({err.strerror or err})",
-                "set run.dir to a writable folder",
-            ) from err
-        if resume is not None:
-            return ckpt.resolve_resume(resume, self.run_dir)
-        if ckpt.latest_checkpoint(self.run_dir) is not None:
-            raise ConfigError(
-                f"{self.run_dir} already holds a run with checkpoints",
-                "continue it with --resume last, or start a new one with run.name=NEW",
-            )
-        return None
-
-    @staticmethod
-    def _check_env(env) -> None:
-        missing = [
-            a for a in ("frame_shape", "frame_stack", "action_repeat") if not hasattr(env, a)
-        ]
-        if missing:
-            raise ConfigError(
-                f"env {type(env).__name__} lacks {', '.join(missing)}",
-                "envs used for training must expose frame_shape, frame_stack and action_repeat "
-                "(see covr_lightning.envs.DMCEnv)",
-            )
+        self.last_evaluation: EpisodeResults | None = None
 
     # ------------------------------------------------------------------ the loop
 
@@ -372,9 +337,6 @@ class RLLoop:
     def declare_replay_extras(self) -> None:
         """Declare per-transition replay fields before the buffer is allocated (none here)."""
 
-    def build_extras(self) -> None:
-        """Build what a subclass adds (VLM, D_f, schedule) before a checkpoint is loaded."""
-
     def run_training(self) -> None:
         """The body of :meth:`fit`: here plain RL up to the budget; COVR runs its rounds."""
         self.train_until(self.run.total_env_steps)
@@ -424,36 +386,28 @@ class RLLoop:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
-    def evaluate(self, episodes: int) -> list[float]:
-        """Returns of ``episodes`` episodes of the deterministic policy on the eval env."""
-        returns = []
-        self.last_eval_metrics = {key: [] for key in self.episode_metric_keys}
-        for _ in range(episodes):
-            obs, _ = self.eval_env.reset()
-            done, total = False, 0.0
-            while not done:
-                obs, reward, terminated, truncated, info = self.eval_env.step(
-                    self.module.act(obs, deterministic=True)
-                )
-                total += float(reward)
-                done = terminated or truncated
-            returns.append(total)
-            for key in self.episode_metric_keys:
-                self.last_eval_metrics[key].append(float(info.get(key, math.nan)))
-        return returns
+    def evaluate(self, episodes: int) -> EpisodeResults:
+        """``episodes`` episodes of the deterministic policy on the eval env.
+
+        Seeded as ``covr-lightning evaluate`` seeds them (:mod:`covr_lightning.loop.episodes`),
+        so evaluating a checkpoint reproduces the ``eval/return`` logged at its env step.
+        """
+        return run_episodes(
+            self.eval_env,
+            lambda obs: self.module.act(obs, deterministic=True),
+            episodes,
+            self.eval_seed,
+        )
 
     def evaluate_and_log(self) -> dict[str, float]:
         """Evaluate now, log ``eval/return`` (+ std) and schedule the next evaluation."""
-        returns = self.evaluate(self.run.eval_episodes)
-        mean, std = float(np.mean(returns)), float(np.std(returns))
-        self.last_eval_return = mean
+        result = self.evaluate(self.run.eval_episodes)
+        self.last_evaluation = result
+        self.last_eval_return = result.mean
         self.last_eval_env_step = self.env_steps
-        self.progress.evaluation(self.env_steps, mean, std)
-        metrics = {"eval/return": mean, "eval/return_std": std}
-        metrics.update(
-            {f"eval/{key}": float(np.mean(v)) for key, v in self.last_eval_metrics.items()}
-        )
+        self.progress.evaluation(self.env_steps, result.mean, result.std)
+        metrics = {"eval/return": result.mean, "eval/return_std": result.std}
+        metrics.update({f"eval/{key}": value for key, value in result.metric_means().items()})
         self.tracker.log_metrics(metrics, step=self.env_steps)
         self.next_eval_at = next_multiple(self.env_steps, self.run.eval_every_env_steps)
         return metrics
@@ -486,7 +440,7 @@ class RLLoop:
     def state_dict(self) -> dict[str, Any]:
         """Everything but the replay buffer's arrays (those stream to their own files)."""
         return {
-            "policy_class": type(self.module).__module__ + "." + type(self.module).__qualname__,
+            "policy_class": ckpt.class_path(self.module),
             "policy": self.module.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "loop": {
@@ -521,14 +475,14 @@ class RLLoop:
 
     def load(self, checkpoint: Path) -> None:
         """Restore everything from a checkpoint directory (strict)."""
-        state = ckpt.load_checkpoint(self.fabric, checkpoint)
-        expected = type(self.module).__module__ + "." + type(self.module).__qualname__
         fix = f"resume with the recipe and overrides the run started with ({self.run_dir / 'config.yaml'})"
-        if state.get("policy_class") != expected:
-            raise ConfigError(
-                f"checkpoint {checkpoint} holds a {state.get('policy_class')}, the recipe builds {expected}",
-                fix,
-            )
+        state = ckpt.read_state(
+            checkpoint,
+            fix=f"resume from an older checkpoint in {checkpoint.parent} with --resume PATH, "
+            "or start a fresh run with run.name=NEW",
+        )
+        ckpt.require_policy_class(state, self.module, checkpoint, fix)
+        self.check_state_kind(state, checkpoint)
         try:
             self.module.load_state_dict(state["policy"], strict=True)
             if len(state["optimizers"]) != len(self.optimizers):
@@ -541,10 +495,8 @@ class RLLoop:
                 f"({str(err).splitlines()[0][:160]})",
                 fix,
             ) from err
-        saved_envs = int(state["loop"].get("num_envs", 1))
-        if (
-            saved_envs != self.num_envs
-        ):  # checked first: the replay streams would refuse less clearly
+        saved_envs = int(state["loop"]["num_envs"])
+        if saved_envs != self.num_envs:  # before the replay streams, which refuse less clearly
             raise ConfigError(
                 f"checkpoint {checkpoint} was written with run.num_envs={saved_envs}, the recipe "
                 f"has {self.num_envs}",
@@ -553,13 +505,20 @@ class RLLoop:
         for folder, store in self.checkpoint_stores().items():
             store.load(checkpoint / folder)
         loop = state["loop"]
-        loop.setdefault("episodes_started", loop["episodes"])  # checkpoints before num_envs
         for key in self.POSITION:
             setattr(self, key, loop[key])
         self.rng.bit_generator.state = loop["rng"]
         self.mlflow_run_id = state.get("mlflow_run_id")
         self.load_extra_state(state, checkpoint)
         ckpt.restore_rng_state(state["rng"])
+
+    def check_state_kind(self, state: dict[str, Any], checkpoint: Path) -> None:
+        """Refuse a COVR run's checkpoint: this loop would drop its VLM side silently."""
+        if "covr" in state:
+            raise ConfigError(
+                f"checkpoint {checkpoint} was written by a COVR run (covr.enabled=true)",
+                "resume with the recipe and overrides the run started with",
+            )
 
     def load_extra_state(self, state: dict[str, Any], checkpoint: Path) -> None:
         """Restore what a subclass added to :meth:`state_dict` (nothing here)."""

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from covr_lightning.cli import main
-from covr_lightning.evaluate import build_env, build_policy, load_checkpoint
-from covr_lightning.export import trace_policy
+from covr_lightning.build import build_env, build_trained_policy, load_saved_run
+from covr_lightning.commands.export import trace_policy
 from covr_lightning.policies.rad import RADModule
-from tests.test_evaluate import enter, train_tiny_run
+from tests.commands.test_evaluate import enter, train_tiny_run
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def plain_run(tmp_path_factory, monkeypatch) -> Path:
 
 def _real_observations(run_dir: Path, count: int = 6) -> np.ndarray:
     """A batch of observations exactly as the run's env returns them (uint8, B x C x H x W)."""
-    env = build_env(load_checkpoint(run_dir).cfg, seed=11)
+    env = build_env(load_saved_run(run_dir).cfg, seed=11)
     rng = np.random.default_rng(0)
     obs, _ = env.reset(seed=11)
     batch = [obs]
@@ -39,9 +39,9 @@ def _real_observations(run_dir: Path, count: int = 6) -> np.ndarray:
 
 
 def _module_actions(run_dir: Path, obs: np.ndarray) -> np.ndarray:
-    loaded = load_checkpoint(run_dir)
-    env = build_env(loaded.cfg, seed=0)
-    policy = build_policy(loaded, env)
+    saved = load_saved_run(run_dir)
+    env = build_env(saved.cfg, seed=0)
+    policy = build_trained_policy(saved, env)
     env.close()
     return policy.act(obs, deterministic=True)
 

@@ -1,4 +1,5 @@
-"""`covr-lightning evaluate`: seeded returns, MLflow logging, video, no VLM, one-line errors."""
+"""`covr-lightning evaluate`: seeded returns, the run's own eval/return reproduced, MLflow logging,
+video, no VLM, one-line errors."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import pytest
 import torch
 
 from covr_lightning.cli import main
-from covr_lightning.evaluate import (
+from covr_lightning.commands.evaluate import (
     METRIC_MEAN,
     METRIC_STD,
+    agent_fps,
     count_video_frames,
     evaluate_checkpoint,
 )
@@ -69,6 +71,19 @@ def test_same_seed_gives_identical_returns(plain_run):
     assert evaluate_checkpoint(plain_run, episodes=1, seed=7, log=False).returns == [
         first.returns[0]
     ]
+
+
+def test_evaluate_reproduces_the_eval_return_the_run_logged(plain_run):
+    """Defaults (the run's seed and episode count) give exactly the run's last eval/return."""
+    run_id = _training_run_id(plain_run)
+    logged = mlflow.MlflowClient().get_metric_history(run_id, "eval/return")
+    final = max(logged, key=lambda m: m.step)
+    assert final.step == 400  # the final evaluation, at the step of the last checkpoint
+    result = evaluate_checkpoint(plain_run, log=False)
+    assert len(result.returns) == 1  # TINY's run.eval_episodes
+    assert result.mean == final.value
+    # Another seed gives other episodes: the match above is not a coincidence of the env.
+    assert evaluate_checkpoint(plain_run, seed=5, log=False).mean != final.value
 
 
 def test_evaluate_logs_to_the_training_run(plain_run, capsys):
@@ -163,10 +178,8 @@ def test_covr_run_evaluates_without_building_the_vlm(tmp_path_factory, monkeypat
 def test_video_frame_rate_is_simulated_real_time():
     from covr_lightning.envs.car_racing import CarRacingEnv
     from covr_lightning.envs.dmc import DMCEnv
-    from covr_lightning.evaluate import agent_fps
 
     cartpole = DMCEnv("cartpole", "swingup", image_size=32, action_repeat=8)
     assert agent_fps(cartpole) == pytest.approx(1 / (0.01 * 8))  # 10 ms control step
     racing = CarRacingEnv(action_repeat=4)
     assert agent_fps(racing) == pytest.approx(50 / 4)
-    assert agent_fps(object(), default=7.0) == 7.0

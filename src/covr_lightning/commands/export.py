@@ -13,6 +13,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import warnings
@@ -22,8 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from covr_lightning.build import SavedRun, build_env, build_trained_policy, load_saved_run
+from covr_lightning.config import config_to_dict
+from covr_lightning.envs.base import PixelEnv
 from covr_lightning.errors import ConfigError
-from covr_lightning.evaluate import LoadedCheckpoint, build_env, build_policy, load_checkpoint
+from covr_lightning.policies.sac import SACPolicyModule
 
 
 class DeterministicPolicy(nn.Module):
@@ -34,7 +38,7 @@ class DeterministicPolicy(nn.Module):
             ``observation_transform`` is called while tracing, its encoder and actor are kept.
     """
 
-    def __init__(self, policy) -> None:
+    def __init__(self, policy: SACPolicyModule) -> None:
         super().__init__()
         self.encoder = policy.encoder
         self.actor = policy.actor
@@ -48,7 +52,7 @@ class DeterministicPolicy(nn.Module):
         return mean_action
 
 
-def trace_policy(policy, example_obs: Tensor) -> torch.jit.ScriptModule:
+def trace_policy(policy: SACPolicyModule, example_obs: Tensor) -> torch.jit.ScriptModule:
     """Trace the deterministic action path of ``policy`` on ``example_obs`` (a uint8 batch).
 
     The trace is checked on a batch of another size, so the batch dimension stays free.
@@ -72,11 +76,11 @@ def trace_policy(policy, example_obs: Tensor) -> torch.jit.ScriptModule:
     return traced
 
 
-def policy_spec(loaded: LoadedCheckpoint, env, policy, out: Path) -> dict[str, Any]:
+def policy_spec(
+    saved: SavedRun, env: PixelEnv, policy: SACPolicyModule, out: Path
+) -> dict[str, Any]:
     """The JSON spec written beside the exported file."""
-    from covr_lightning.config import config_to_dict
-
-    env_cfg = config_to_dict(loaded.cfg)["env"]
+    env_cfg = config_to_dict(saved.cfg)["env"]
     obs_space, act_space = env.observation_space, env.action_space
     return {
         "format": "torchscript",
@@ -88,8 +92,8 @@ def policy_spec(loaded: LoadedCheckpoint, env, policy, out: Path) -> dict[str, A
             "layout": "(B, C, H, W): frame_stack RGB frames stacked on channels, oldest first",
             "low": 0 if str(obs_space.dtype) == "uint8" else None,
             "high": 255 if str(obs_space.dtype) == "uint8" else None,
-            "frame_shape": [int(s) for s in getattr(env, "frame_shape", obs_space.shape)],
-            "frame_stack": int(getattr(env, "frame_stack", 1)),
+            "frame_shape": [int(s) for s in env.frame_shape],
+            "frame_stack": int(env.frame_stack),
             "network_shape": [int(s) for s in policy.network_obs_shape],
         },
         "action": {
@@ -102,11 +106,11 @@ def policy_spec(loaded: LoadedCheckpoint, env, policy, out: Path) -> dict[str, A
         "env": {
             "class_path": env_cfg["class_path"],
             "init_args": env_cfg.get("init_args", {}),
-            "action_repeat": int(getattr(env, "action_repeat", 1)),
+            "action_repeat": int(env.action_repeat),
         },
-        "policy_class": loaded.policy_class,
-        "source_checkpoint": str(loaded.checkpoint.resolve()),
-        "env_steps": loaded.env_steps,
+        "policy_class": saved.policy_class,
+        "source_checkpoint": str(saved.checkpoint.resolve()),
+        "env_steps": saved.env_steps,
         "torch_version": torch.__version__,
     }
 
@@ -123,14 +127,14 @@ def export_policy(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     out = Path(out).expanduser()
     if out.suffix == ".json":
         raise ConfigError(f"--out {out} would clash with the spec file", "use --out policy.pt")
-    loaded = load_checkpoint(checkpoint)
-    env = build_env(loaded.cfg, seed=0)
+    saved = load_saved_run(checkpoint)
+    env = build_env(saved.cfg, seed=0)
     try:
-        policy = build_policy(loaded, env, device="cpu")
+        policy = build_trained_policy(saved, env, device="cpu")
         first, _ = env.reset(seed=0)
         example = torch.as_tensor(first).unsqueeze(0).repeat(2, *[1] * first.ndim)
         traced = trace_policy(policy, example)
-        spec = policy_spec(loaded, env, policy, out)
+        spec = policy_spec(saved, env, policy, out)
     finally:
         env.close()
     spec_file = out.with_suffix(".json")
@@ -145,7 +149,7 @@ def export_policy(checkpoint: str | Path, out: str | Path) -> tuple[Path, Path]:
     return out, spec_file
 
 
-def cmd_export(args) -> int:
+def run(args: argparse.Namespace) -> int:
     """``covr-lightning export``."""
     out, spec_file = export_policy(args.checkpoint, args.out)
     size = out.stat().st_size
