@@ -83,7 +83,7 @@ def expected_valid_tids(records, frames_written, capacity, stack):
 
 
 def assert_all_valid_slots_match(dm, records, env):
-    valid = np.flatnonzero(dm._valid)
+    valid = np.flatnonzero(dm._ring.valid)
     batch = dm._batch_at(valid)
     tids = batch["tid"].numpy()
     assert set(tids.tolist()) == expected_valid_tids(
@@ -127,7 +127,15 @@ def test_first_frames_are_clamped_to_the_episode_start():
     np.testing.assert_array_equal(ids[:4], [[0, 0, 0], [0, 0, 1], [0, 1, 2], [1, 2, 3]])
     np.testing.assert_array_equal(nxt[:4], [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 4]])
     np.testing.assert_array_equal(ids[5:7], [[5, 5, 5], [5, 5, 6]])  # new episode: no leak
-    assert sorted(np.flatnonzero(dm._valid)) == [0, 1, 2, 3, 5, 6, 7]  # not 4 (end) nor 8 (head)
+    assert sorted(np.flatnonzero(dm._ring.valid)) == [
+        0,
+        1,
+        2,
+        3,
+        5,
+        6,
+        7,
+    ]  # not 4 (end) nor 8 (head)
     assert len(dm) == 7 and dm.num_frames_stored == 9
 
 
@@ -146,7 +154,7 @@ def test_sample_shapes_dtypes_and_alignment():
     before = batch["next_obs"].clone()
     batch["obs"].zero_()  # in-place augmentation of obs must not touch next_obs
     assert torch.equal(batch["next_obs"], before)
-    batch = dm._batch_at(dm._valid.nonzero()[0])
+    batch = dm._batch_at(dm._ring.valid.nonzero()[0])
     # next_obs of a transition is the obs of the following transition of the same episode.
     for row, tid in enumerate(batch["tid"].tolist()):
         assert not records[tid]["term"] or batch["terminated"][row] == 1
@@ -162,7 +170,7 @@ def test_terminated_flag_only_on_terminal_transitions():
     env, records = StackingEnv(3), []
     run_episodes(dm, env, [3, 2], records)
     run_episodes(dm, env, [2], records, terminate=False)
-    batch = dm._batch_at(np.flatnonzero(dm._valid))
+    batch = dm._batch_at(np.flatnonzero(dm._ring.valid))
     terminated = dict(zip(batch["tid"].tolist(), batch["terminated"].tolist(), strict=True))
     assert terminated == {0: 0.0, 1: 0.0, 2: 1.0, 3: 0.0, 4: 1.0, 5: 0.0, 6: 0.0}
 
@@ -243,7 +251,7 @@ def test_save_load_round_trip_reproduces_samples(tmp_path, allocate_first):
     _continue(dm, env, records)
     _continue(other, env_copy, records)
     _assert_batches_equal(dm._batch_at(np.arange(23)), other._batch_at(np.arange(23)))
-    np.testing.assert_array_equal(dm._valid, other._valid)
+    np.testing.assert_array_equal(dm._ring.valid, other._ring.valid)
 
 
 def test_state_dict_restores_sampler_rng():
@@ -310,7 +318,7 @@ def test_memory_is_one_frame_per_step():
         obs[-3:] = t % 256
         dm.add(np.zeros(6), 0.0, obs, False)
     assert dm.num_frames_stored == 1000 and len(dm) == 1000 - 3
-    assert dm._frames.nbytes == 1000 * frame_bytes
+    assert dm._ring.frames.nbytes == 1000 * frame_bytes
     assert dm.nbytes < 1.1 * 1000 * frame_bytes
 
 
@@ -340,40 +348,46 @@ def test_train_dataloader_yields_sample_batches():
         assert batch["obs"].shape == (8, 9, H, W)
 
 
-def test_errors_name_the_problem_and_a_fix():
-    with pytest.raises(ConfigError, match="capacity"):
+def test_capacity_too_small_for_the_stack_is_a_config_error():
+    """The recipe's replay.capacity against the env's frame stack: the user fixes the recipe."""
+    with pytest.raises(ConfigError, match="replay.capacity") as err:
         ReplayDataModule(capacity=3).allocate((C, H, W), np.uint8, 3, (A,))
+    assert "\n" not in str(err.value) and "Fix:" in str(err.value)
+
+
+def test_misuse_by_the_loop_is_a_programming_error_not_a_config_error():
+    """Calls a recipe cannot cause raise ordinary exceptions, so they keep their traceback."""
     dm = ReplayDataModule(capacity=10)
-    with pytest.raises(ConfigError, match="before allocation"):
-        dm.start_episode(np.zeros((9, H, W), np.uint8))
+    errors = []
+
+    def expect(kind, match, call, *args, **kwargs):
+        with pytest.raises(kind, match=match) as err:
+            call(*args, **kwargs)
+        errors.append(err.value)
+
+    expect(RuntimeError, "before allocation", dm.start_episode, np.zeros((9, H, W), np.uint8))
+    expect(RuntimeError, "before allocation", dm.sample)
+    expect(RuntimeError, "before allocation", dm.save, "unused")
     for name in ("obs", "reward", "frames", "bad-name"):
-        with pytest.raises(ConfigError):
-            dm.declare_extra(name)
+        expect(ValueError, "replay extra", dm.declare_extra, name)
     dm.declare_extra("prior", shape=(A,))
-    with pytest.raises(ConfigError, match="already declared"):
-        dm.declare_extra("prior", shape=(3,))
+    expect(ValueError, "already declared", dm.declare_extra, "prior", shape=(3,))
     dm.allocate((C, H, W), np.uint8, 3, (A,))
-    with pytest.raises(ConfigError, match="already allocated"):
-        dm.allocate((C, H, W), np.uint8, 4, (A,))
-    with pytest.raises(ConfigError, match="no sampleable"):
-        dm.sample()
-    with pytest.raises(ConfigError, match="start_episode"):
-        dm.add(np.zeros(A), 0.0, np.zeros((9, H, W), np.uint8), False)
-    with pytest.raises(ConfigError, match="shape"):
-        dm.start_episode(np.zeros((3, H, W), np.uint8))  # unstacked frame
-    with pytest.raises(ConfigError, match="dtype"):
-        dm.start_episode(np.zeros((9, H, W), np.float32))  # normalised copy
-    dm.start_episode(np.zeros((9, H, W), np.uint8))
+    expect(RuntimeError, "already allocated", dm.allocate, (C, H, W), np.uint8, 4, (A,))
+    expect(RuntimeError, "no sampleable", dm.sample)
     obs = np.zeros((9, H, W), np.uint8)
-    with pytest.raises(ConfigError, match="action"):
-        dm.add(np.zeros(A + 1), 0.0, obs, False)
-    with pytest.raises(ConfigError, match="not declared"):
-        dm.add(np.zeros(A), 0.0, obs, False, value=1.0)
-    with pytest.raises(ConfigError, match="declared"):
-        dm.add(np.zeros(A), 0.0, obs, False, prior=np.zeros(3))
+    expect(RuntimeError, "start_episode", dm.add, np.zeros(A), 0.0, obs, False)
+    expect(ValueError, "shape", dm.start_episode, np.zeros((3, H, W), np.uint8))  # unstacked
+    expect(ValueError, "dtype", dm.start_episode, np.zeros((9, H, W), np.float32))  # normalised
+    expect(IndexError, "stream 1 does not exist", dm.start_episode, obs, stream=1)
+    dm.start_episode(obs)
+    expect(ValueError, "action", dm.add, np.zeros(A + 1), 0.0, obs, False)
+    expect(ValueError, "not declared", dm.add, np.zeros(A), 0.0, obs, False, value=1.0)
+    expect(ValueError, "declared", dm.add, np.zeros(A), 0.0, obs, False, prior=np.zeros(3))
     dm.add(np.zeros(A), 0.0, obs, True)
-    with pytest.raises(ConfigError, match="no open episode"):
-        dm.add(np.zeros(A), 0.0, obs, False)  # after a termination the env must be reset
+    # After a termination the env must be reset before the next add.
+    expect(RuntimeError, "no open episode", dm.add, np.zeros(A), 0.0, obs, False)
+    assert errors and not any(isinstance(err, ConfigError) for err in errors)
 
 
 def test_transitions_by_id_survive_until_overwritten():

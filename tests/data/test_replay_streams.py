@@ -66,7 +66,7 @@ def play_interleaved(dm, steps: int, seed: int = 0):
 
 
 def check_against_records(dm, records, envs):
-    valid = np.flatnonzero(dm._valid)
+    valid = np.flatnonzero(dm._ring.valid)
     batch = dm._batch_at(valid)
     tids = batch["tid"].numpy()
     per_stream = dm.capacity // dm.num_streams
@@ -107,7 +107,7 @@ def test_one_stream_layout_equals_the_plain_ring():
         one.start_episode(env.reset())
         for t in range(6):
             one.add(np.zeros(A), 1.0, env.step(), t == 5)
-    assert one.num_frames_stored == 12 and one._extent == 12
+    assert one.num_frames_stored == 12 and one._ring.extent == 12
     assert one.last_transition_id == 3 * 7 - 2  # the plain frame write counter
 
 
@@ -127,7 +127,7 @@ def test_save_load_round_trip_with_streams(tmp_path):
     obs = envs[1].step()
     restored.start_episode(obs, stream=1)
     dm.start_episode(obs, stream=1)
-    assert restored._cur.tolist() == dm._cur.tolist()
+    assert restored._ring.cur.tolist() == dm._ring.cur.tolist()
 
 
 def test_checkpoint_with_other_stream_count_is_refused(tmp_path):
@@ -141,21 +141,25 @@ def test_checkpoint_with_other_stream_count_is_refused(tmp_path):
         other.load(tmp_path / "replay")
 
 
-def test_version_1_state_loads_as_one_stream():
+def test_state_of_another_format_version_is_a_config_error():
     dm = ReplayDataModule(capacity=12, batch_size=4)
     dm.allocate((C, H, W), np.uint8, STACK, (A,))
     state = dm.state_dict()
+    # A one-stream state of the never-released format 1 is refused like any foreign checkpoint.
     old = {k: v for k, v in state.items() if k not in ("num_streams", "extent", "heads")}
     old.update(version=1, head=0, num_written=0, cur=-1, cur_step=0)
-    fresh = ReplayDataModule(capacity=12, batch_size=4)
-    fresh.load_state_dict(old)
-    assert fresh.num_streams == 1 and fresh._cur.tolist() == [-1]
+    for foreign in (old, {**state, "version": 3}):
+        fresh = ReplayDataModule(capacity=12, batch_size=4)
+        with pytest.raises(ConfigError, match="Fix: resume from another checkpoint"):
+            fresh.load_state_dict(foreign)
+        assert not fresh.extras and len(fresh) == 0 and fresh.frame_shape == ()  # untouched
 
 
-def test_bad_stream_and_too_small_share_are_config_errors():
+def test_bad_stream_is_an_index_error_and_too_small_share_a_config_error():
     dm = make()
-    with pytest.raises(ConfigError, match="stream 3 does not exist"):
+    with pytest.raises(IndexError, match="stream 3 does not exist") as err:
         dm.start_episode(np.zeros((STACK * C, H, W), np.uint8), stream=3)
+    assert not isinstance(err.value, ConfigError)
     small = ReplayDataModule(capacity=7, batch_size=4)
     with pytest.raises(ConfigError, match="capacity >= 8"):
         small.allocate((C, H, W), np.uint8, STACK, (A,), num_streams=2)
