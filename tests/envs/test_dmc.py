@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import covr_lightning
+from covr_lightning.config import load_recipe
 from covr_lightning.envs import DMCEnv, dmc
 from covr_lightning.envs.dmc import (
     PAPER_ACTION_REPEAT,
@@ -214,10 +215,6 @@ def test_quadruped_uses_camera_2(make_env):
     [
         ({"domain": "cheetah", "task": "walk"}, "cheetah/walk.*run"),
         ({"domain": "chetah", "task": "run"}, "chetah.*cheetah"),
-        ({"obs": "rgb"}, "obs mode"),
-        ({"image_size": 0}, "image_size"),
-        ({"action_repeat": 0}, "action_repeat"),
-        ({"max_episode_env_steps": 0}, "max_episode_env_steps"),
         ({"camera_id": 9}, "camera_id"),
     ],
 )
@@ -225,6 +222,31 @@ def test_bad_config_raises_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match) as excinfo:
         DMCEnv(**kwargs)
     assert "Fix:" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "env.obs=rgb",
+        "env.image_size=0",
+        "env.frame_stack=0",
+        "env.action_repeat=0",
+        "env.max_episode_env_steps=0",
+        "env.camera_id=-1",
+    ],
+)
+def test_typed_options_are_checked_when_the_recipe_is_parsed(override):
+    """Sizes, repeats, caps and the obs mode are typed in the signature; the parser refuses."""
+    with pytest.raises(ConfigError) as excinfo:
+        load_recipe("quickstart", [override])
+    assert "\n" not in excinfo.value.line()
+
+
+def test_resolved_action_repeat_needs_no_env():
+    assert DMCEnv.resolved_action_repeat({}) == 4  # the default domain, cheetah
+    assert DMCEnv.resolved_action_repeat({"domain": "cartpole"}) == 8
+    assert DMCEnv.resolved_action_repeat({"domain": "cartpole", "action_repeat": 3}) == 3
+    assert DMCEnv.resolved_action_repeat({"domain": "humanoid", "action_repeat": None}) == 2
 
 
 @linux_only

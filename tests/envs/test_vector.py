@@ -14,7 +14,7 @@ ARGS = {"domain": "cartpole", "task": "swingup", "image_size": 32, "max_episode_
 
 @pytest.fixture(scope="module")
 def pool():
-    envs = EnvPool(env_factories("covr_lightning.envs.dmc.DMCEnv", ARGS, [1, 2]))
+    envs = EnvPool(env_factories(DMCEnv, ARGS, [1, 2]))
     yield envs
     envs.close()
 
@@ -44,7 +44,7 @@ def test_workers_step_like_sequential_envs(pool):
 
 
 def test_one_env_runs_in_process():
-    one = EnvPool(env_factories("covr_lightning.envs.dmc.DMCEnv", ARGS, [3]))
+    one = EnvPool(env_factories(DMCEnv, ARGS, [3]))
     assert type(one._vec).__name__ == "SyncVectorEnv"
     assert one.reset(0, 5).shape == (9, 32, 32)
     one.close()

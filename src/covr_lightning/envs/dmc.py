@@ -33,14 +33,14 @@ if (
 
 from typing import Any, Literal
 
-import gymnasium
 import mujoco
 import numpy as np
 from dm_control import _render, suite
 from dm_control.mujoco import engine, wrapper
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from covr_lightning.envs.frames import FrameStack
-from covr_lightning.errors import ConfigError, require_positive_ints
+from covr_lightning.envs.base import PixelEnv
+from covr_lightning.errors import ConfigError
 
 _HEADLESS = sys.platform.startswith("linux") and not os.environ.get("DISPLAY")
 
@@ -212,7 +212,11 @@ def _quiet_load(domain: str, task: str, seed: int):
         absl_logger.setLevel(level)
 
 
-class DMCEnv(gymnasium.Env):
+DEFAULT_DOMAIN = "cheetah"
+"""The constructor's default domain (and so the default action repeat's)."""
+
+
+class DMCEnv(PixelEnv):
     """A dm_control suite task behind the gymnasium API, with frame stacking and action repeat.
 
     Args:
@@ -234,59 +238,31 @@ class DMCEnv(gymnasium.Env):
         action_space: Box float32 [-1, 1]^A, rescaled linearly to the dm_control bounds in
             :meth:`step`.
         frame_shape: One frame: (3, H, W) for pixels, (state_dim,) for state.
-        frame_stack: Frames per observation.
-        action_repeat: Env steps per agent step.
-        env_steps: Env steps taken since construction (a repeat cut short by the episode's end
-            counts only the steps taken).
 
     Raises:
-        ConfigError: Unknown domain/task or obs mode, or a non-positive size, stack, repeat, step
-            cap, or a camera the model does not have.
+        ConfigError: Unknown domain/task, a camera the model does not have, or dm_control's GL
+            backend unusable on this machine. Sizes, repeats and caps are typed (positive
+            integers), which a recipe is checked against when it is parsed.
     """
-
-    metadata = {"render_modes": ["rgb_array"]}
-    codec_kind = "numeric"
-    """Action codec family of the VLM (``covr_lightning.vlm.codecs.make_codec``): one number
-    per actuator."""
-    # Lets the training plan resolve the per-task default without building an env.
-    default_action_repeat = staticmethod(default_action_repeat)
 
     def __init__(
         self,
-        domain: str = "cheetah",
+        domain: str = DEFAULT_DOMAIN,
         task: str = "run",
         obs: Literal["pixels", "state"] = "pixels",
-        image_size: int = 84,
-        frame_stack: int = 3,
-        action_repeat: int | None = None,
-        camera_id: int | None = None,
-        max_episode_env_steps: int | None = None,
+        image_size: PositiveInt = 84,
+        frame_stack: PositiveInt = 3,
+        action_repeat: PositiveInt | None = None,
+        camera_id: NonNegativeInt | None = None,
+        max_episode_env_steps: PositiveInt | None = None,
         seed: int = 0,
     ) -> None:
         _check_task(domain, task)
-        if obs not in ("pixels", "state"):
-            raise ConfigError(f"unknown obs mode {obs!r}", "set obs to 'pixels' or 'state'")
         if obs == "pixels":
             _check_gl_backend()
-        action_repeat = default_action_repeat(domain) if action_repeat is None else action_repeat
-        require_positive_ints(
-            {
-                "image_size": image_size,
-                "frame_stack": frame_stack,
-                "action_repeat": action_repeat,
-                "max_episode_env_steps": max_episode_env_steps,
-            },
-            prefix="env.",
-        )
-
         self.domain, self.task, self.obs_mode = domain, task, obs
         self.image_size = int(image_size)
-        self.action_repeat = int(action_repeat)
-        self.frame_stack = int(frame_stack) if obs == "pixels" else 1
-        self.max_episode_env_steps = max_episode_env_steps
         self.camera_id = _DEFAULT_CAMERA.get(domain, 0) if camera_id is None else int(camera_id)
-        self.render_mode = "rgb_array"
-        self.env_steps = 0
 
         self._env = _quiet_load(domain, task, seed)
         physics = self._env.physics
@@ -305,105 +281,60 @@ class DMCEnv(gymnasium.Env):
         physics.model.light_castshadow[:] = 0
         self._camera: engine.Camera | None = None  # policy camera, created on first render
         self._large: _LargeFrameRenderer | None = None
+        self._time_step = None  # the newest dm_control TimeStep
 
         spec = self._env.action_spec()
         self._action_low = np.asarray(spec.minimum, dtype=np.float64) * np.ones(spec.shape)
         self._action_high = np.asarray(spec.maximum, dtype=np.float64) * np.ones(spec.shape)
-        self.action_space = gymnasium.spaces.Box(-1.0, 1.0, shape=spec.shape, dtype=np.float32)
-
         if obs == "pixels":
-            self.frame_shape: tuple[int, ...] = (3, self.image_size, self.image_size)
-            self.observation_space = gymnasium.spaces.Box(
-                0,
-                255,
-                shape=(3 * self.frame_stack, self.image_size, self.image_size),
-                dtype=np.uint8,
-            )
+            frame_shape: tuple[int, ...] = (3, self.image_size, self.image_size)
         else:
-            dim = sum(int(np.prod(s.shape)) for s in self._env.observation_spec().values())
-            self.frame_shape = (dim,)
-            self.observation_space = gymnasium.spaces.Box(
-                -np.inf, np.inf, shape=(dim,), dtype=np.float32
+            frame_shape = (
+                sum(int(np.prod(s.shape)) for s in self._env.observation_spec().values()),
             )
+        self._set_up(
+            frame_shape=frame_shape,
+            frame_stack=frame_stack if obs == "pixels" else 1,
+            action_repeat=self.resolved_action_repeat(
+                {"domain": domain, "action_repeat": action_repeat}
+            ),
+            action_dim=int(np.prod(spec.shape)),
+            max_episode_env_steps=max_episode_env_steps,
+            frame_dtype=np.uint8 if obs == "pixels" else np.float32,
+        )
 
-        self._frames = FrameStack(self.frame_stack)
-        self._episode_env_steps = 0
-        self._episode_return = 0.0
-        self._needs_reset = True
+    @classmethod
+    def resolved_action_repeat(cls, init_args: dict[str, Any]) -> int:
+        """The recipe's ``action_repeat``, else :func:`default_action_repeat` of its domain."""
+        repeat = init_args.get("action_repeat")
+        domain = init_args.get("domain", DEFAULT_DOMAIN)
+        return default_action_repeat(domain) if repeat is None else int(repeat)
 
-    # ---------------------------------------------------------------- gymnasium API
+    # ---------------------------------------------------------------- PixelEnv hooks
 
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Starts an episode.
-
-        Args:
-            seed: If given, reseeds the task's random state (as if constructed with this seed).
-            options: Unused (gymnasium API).
-
-        Returns:
-            The first observation (its stack holds copies of the first frame) and an empty dict.
-        """
-        super().reset(seed=seed)
+    def _reset_simulation(self, seed: int | None, options: dict[str, Any] | None) -> None:
         if seed is not None:
             self._env.task.random.seed(seed)
-        time_step = self._env.reset()
-        self._episode_env_steps = 0
-        self._episode_return = 0.0
-        self._needs_reset = False
-        self._frames.reset(self._frame(time_step.observation))
-        return self._frames.observation(), {}
+        self._time_step = self._env.reset()
 
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        """Repeats ``action`` for ``action_repeat`` env steps (fewer if the episode ends).
+    def _begin_step(self, action: np.ndarray) -> np.ndarray:
+        return _rescale_action(action, self._action_low, self._action_high)
 
-        Args:
-            action: (A,) action in [-1, 1]; clipped, then rescaled to the dm_control bounds.
+    def _step_simulation(self, command: np.ndarray, last: bool) -> tuple[float, bool, bool, dict]:
+        """One control step; the episode ends with discount 0 (terminated) or its time limit."""
+        self._time_step = time_step = self._env.step(command)
+        discount = float(time_step.discount) if time_step.discount is not None else 1.0
+        terminated = time_step.last() and discount == 0.0
+        truncated = time_step.last() and not terminated
+        return float(time_step.reward or 0.0), terminated, truncated, {"discount": discount}
 
-        Returns:
-            ``(obs, reward, terminated, truncated, info)``: reward summed over the repeat;
-            ``terminated`` when dm_control ends the episode with discount 0; ``truncated`` at the
-            task's time limit or ``max_episode_env_steps``; info has ``env_steps`` (taken in this
-            call), ``episode_return`` (running sum) and ``discount``.
+    def _frame(self) -> np.ndarray:
+        """One frame: (3, S, S) uint8 for pixels, (state_dim,) float32 for state."""
+        if self.obs_mode == "state":
+            return _flatten_state(self._time_step.observation)
+        return np.ascontiguousarray(self._policy_view().transpose(2, 0, 1))
 
-        Raises:
-            RuntimeError: If called before :meth:`reset` or after the episode ended.
-            ValueError: If the action's shape is not the action space's.
-        """
-        if self._needs_reset:
-            raise RuntimeError("DMCEnv.step called before reset() or after the episode ended")
-        action = np.asarray(action)
-        if action.shape != self.action_space.shape:
-            raise ValueError(f"action shape {action.shape} != {self.action_space.shape}")
-        env_action = _rescale_action(action, self._action_low, self._action_high)
-
-        reward, steps, discount = 0.0, 0, 1.0
-        last = capped = False
-        time_step = None
-        for _ in range(self.action_repeat):
-            time_step = self._env.step(env_action)
-            steps += 1
-            reward += float(time_step.reward or 0.0)
-            discount = float(time_step.discount) if time_step.discount is not None else 1.0
-            last = time_step.last()
-            capped = (
-                self.max_episode_env_steps is not None
-                and self._episode_env_steps + steps >= self.max_episode_env_steps
-            )
-            if last or capped:
-                break
-        assert time_step is not None  # action_repeat >= 1
-
-        self.env_steps += steps
-        self._episode_env_steps += steps
-        self._episode_return += reward
-        terminated = last and discount == 0.0
-        truncated = (last or capped) and not terminated
-        self._needs_reset = terminated or truncated
-        self._frames.push(self._frame(time_step.observation))
-        info = {"env_steps": steps, "episode_return": self._episode_return, "discount": discount}
-        return self._frames.observation(), reward, terminated, truncated, info
+    # ---------------------------------------------------------------- rendering
 
     def render(self, height: int | None = None, width: int | None = None) -> np.ndarray:
         """Renders the current state from the env's camera at any size.
@@ -467,9 +398,3 @@ class DMCEnv(gymnasium.Env):
                 self._env.physics, self.image_size, self.image_size, self.camera_id
             )
         return self._camera.render()
-
-    def _frame(self, observation: dict[str, Any]) -> np.ndarray:
-        """One frame: (3, S, S) uint8 for pixels, (state_dim,) float32 for state."""
-        if self.obs_mode == "state":
-            return _flatten_state(observation)
-        return np.ascontiguousarray(self._policy_view().transpose(2, 0, 1))

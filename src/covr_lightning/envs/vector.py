@@ -23,24 +23,36 @@ import gymnasium
 import numpy as np
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
+from covr_lightning.envs.base import PixelEnv
 from covr_lightning.errors import ConfigError
 
 
-def _build_env(class_path: str, init_args: dict[str, Any], seed: int) -> gymnasium.Env:
+def _build_env(env_class: type[PixelEnv], init_args: dict[str, Any], seed: int) -> PixelEnv:
     """Build one env in the current process (module-level, so that workers can unpickle it)."""
     # A worker only steps physics and renders: one thread each keeps N workers off the learner's
     # cores (torch, if the env module imports it, would otherwise start a thread per core). Only
     # in a worker: in the main process the variable would leak into every later subprocess.
     if multiprocessing.parent_process() is not None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from covr_lightning.config import import_class
-
-    return import_class(class_path)(**init_args, seed=seed)
+    return env_class(**init_args, seed=seed)
 
 
-def env_factories(class_path: str, init_args: dict[str, Any], seeds: list[int]) -> list[Callable]:
-    """One picklable zero-argument constructor per seed."""
-    return [partial(_build_env, class_path, dict(init_args), int(seed)) for seed in seeds]
+def env_factories(
+    env_class: type[PixelEnv], init_args: dict[str, Any], seeds: list[int]
+) -> list[Callable[[], PixelEnv]]:
+    """One picklable zero-argument constructor per seed.
+
+    Args:
+        env_class: The env class; it travels to the workers by reference (its module and name),
+            so it must be importable there, as a recipe's ``class_path`` is.
+        init_args: Constructor arguments (the recipe's ``env.init_args``), without ``seed``.
+        seeds: One seed per env.
+
+    Returns:
+        ``len(seeds)`` constructors; constructor ``i`` builds ``env_class(**init_args,
+        seed=seeds[i])``.
+    """
+    return [partial(_build_env, env_class, dict(init_args), int(seed)) for seed in seeds]
 
 
 class EnvPool:
@@ -56,7 +68,7 @@ class EnvPool:
         action_space: One env's action space.
 
     Raises:
-        ConfigError: If ``factories`` is empty.
+        ConfigError: If ``factories`` is empty (``run.num_envs=0`` in a recipe).
     """
 
     def __init__(self, factories: list[Callable[[], gymnasium.Env]], workers: bool | None = None):
