@@ -14,11 +14,7 @@ import numpy as np
 import pytest
 
 from covr_lightning.config import load_recipe
-from covr_lightning.envs.car_racing import (
-    CarRacingEnv,
-    default_action_repeat,
-    to_car_racing_action,
-)
+from covr_lightning.envs.car_racing import CarRacingEnv, to_car_racing_action
 from covr_lightning.errors import ConfigError
 from covr_lightning.vlm.codecs import CAR_RACING_BRAKE, CAR_RACING_GAS, STEERING, make_codec
 
@@ -55,8 +51,10 @@ def _drive(rng: np.random.Generator) -> np.ndarray:
 
 
 def test_defaults_and_class_attributes():
-    assert default_action_repeat() == 4
-    assert CarRacingEnv.default_action_repeat("any") == 4  # one task: the argument is ignored
+    assert CarRacingEnv.resolved_action_repeat({}) == 4
+    assert CarRacingEnv.resolved_action_repeat({"action_repeat": None, "crop_hud": True}) == 4
+    assert CarRacingEnv.resolved_action_repeat({"action_repeat": 2}) == 2
+    assert CarRacingEnv.max_num_envs is None and CarRacingEnv.episode_metrics == ()
     assert CarRacingEnv.codec_kind == "car_racing"
 
 
@@ -194,18 +192,25 @@ def test_missing_box2d_is_a_config_error(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "override",
     [
-        {"image_size": 0},
-        {"frame_stack": 0},
-        {"action_repeat": 0},
-        {"max_episode_env_steps": 0},
-        {"lap_complete_percent": 0.0},
+        "env.image_size=0",
+        "env.frame_stack=0",
+        "env.action_repeat=0",
+        "env.max_episode_env_steps=0",
+        "env.lap_complete_percent=0.0",
+        "env.lap_complete_percent=1.5",
     ],
 )
-def test_bad_values_are_config_errors(kwargs):
-    with pytest.raises(ConfigError):
-        CarRacingEnv(**kwargs)
+def test_bad_values_are_refused_when_the_recipe_is_parsed(override):
+    with pytest.raises(ConfigError) as error:
+        load_recipe("car_racing", [override])
+    assert "\n" not in error.value.line()
+
+
+def test_a_share_of_one_completes_the_lap_on_every_tile():
+    cfg = load_recipe("car_racing", ["env.lap_complete_percent=1.0"])
+    assert cfg.env.init_args.lap_complete_percent == 1.0
 
 
 def test_codec_round_trips_every_phrase_on_the_env_action_space(make_env):

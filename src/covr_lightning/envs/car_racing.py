@@ -42,10 +42,11 @@ from typing import Any
 
 import gymnasium
 import numpy as np
+from jsonargparse.typing import PositiveInt, restricted_number_type
 from PIL import Image
 
-from covr_lightning.envs.frames import FrameStack
-from covr_lightning.errors import ConfigError, require_positive_ints
+from covr_lightning.envs.base import PixelEnv
+from covr_lightning.errors import ConfigError
 
 DEFAULT_ACTION_REPEAT = 4
 """Env steps per agent step: 12.5 decisions per simulated second, 250 per 1000-step episode."""
@@ -57,22 +58,11 @@ TASK_DESCRIPTION = (
 
 NATIVE_SIZE = 96
 """Side of CarRacing's own observation (gymnasium's ``STATE_W``/``STATE_H``)."""
+LapShare = restricted_number_type("LapShare", float, [(">", 0.0), ("<=", 1.0)])
+"""A share of the track's tiles, in (0, 1]."""
 _HUD_CROP = (0, 84, 6, 90)
 """(top, bottom, left, right) of the frame without the dashboard, in the 96x96 observation: the
 bar covers the bottom 12 rows (gymnasium's ``_render_indicators``: H/8)."""
-
-
-def default_action_repeat(domain: str | None = None) -> int:
-    """CarRacing's action repeat.
-
-    Args:
-        domain: Ignored (CarRacing has one task); present so callers can treat every env class
-            alike.
-
-    Returns:
-        :data:`DEFAULT_ACTION_REPEAT` (4).
-    """
-    return DEFAULT_ACTION_REPEAT
 
 
 def to_car_racing_action(action: np.ndarray) -> np.ndarray:
@@ -121,18 +111,19 @@ def _no_frame(mode: str) -> None:
     return None
 
 
-class CarRacingEnv(gymnasium.Env):
+class CarRacingEnv(PixelEnv):
     """gymnasium CarRacing-v3 (continuous) from pixels, with frame stacking and action repeat.
 
     Args:
         image_size: Side of the square policy frames (CarRacing's own are 96).
         frame_stack: Frames per observation, stacked on the channel axis.
-        action_repeat: Env steps per agent step; ``None`` takes :func:`default_action_repeat` (4).
+        action_repeat: Env steps per agent step; ``None`` takes :data:`DEFAULT_ACTION_REPEAT` (4).
         crop_hud: Cut the dashboard strip (and 6 columns per side) from the 96x96 frame before
             resizing: the square 84x84 top-centre. Also applies to :meth:`render`.
         max_episode_env_steps: Env steps per episode before truncation; ``None`` keeps
             CarRacing-v3's registered 1000.
-        lap_complete_percent: Share of the track's tiles that completes a lap (CarRacing's 0.95).
+        lap_complete_percent: Share of the track's tiles that completes a lap, in (0, 1]
+            (CarRacing's 0.95).
         domain_randomize: Random road, grass and background colours per episode (CarRacing's
             option; off in the standard task).
         seed: Seed of the first episode's track; later resets without a seed continue from it.
@@ -143,60 +134,38 @@ class CarRacingEnv(gymnasium.Env):
         action_space: Box float32 [-1, 1]^3 = (steer, gas, brake), mapped by
             :func:`to_car_racing_action`.
         frame_shape: One frame, (3, image_size, image_size).
-        frame_stack: Frames per observation.
-        action_repeat: Env steps per agent step.
-        env_steps: Env steps taken since construction (a repeat cut short by the episode's end
-            counts only the steps taken).
 
     Raises:
-        ConfigError: Box2D or pygame missing, a non-positive size, stack, repeat or step cap, or
-            ``lap_complete_percent`` outside (0, 1].
+        ConfigError: Box2D or pygame missing. Sizes, repeats, caps and ``lap_complete_percent``
+            are typed, which a recipe is checked against when it is parsed.
     """
 
-    metadata = {"render_modes": ["rgb_array"]}
     codec_kind = "car_racing"
     """Action codec family of the VLM (``covr_lightning.vlm.codecs.make_codec``): phrases for
     steer, gas and brake."""
-    # Lets the training plan resolve the default without building an env.
-    default_action_repeat = staticmethod(default_action_repeat)
+    default_action_repeat = DEFAULT_ACTION_REPEAT
+    control_timestep = 1.0 / 50.0
+    """Simulated seconds per env step (CarRacing runs at 50 steps per second)."""
+    task_description = TASK_DESCRIPTION
 
     def __init__(
         self,
-        image_size: int = 84,
-        frame_stack: int = 3,
-        action_repeat: int | None = None,
+        image_size: PositiveInt = 84,
+        frame_stack: PositiveInt = 3,
+        action_repeat: PositiveInt | None = None,
         crop_hud: bool = False,
-        max_episode_env_steps: int | None = None,
-        lap_complete_percent: float = 0.95,
+        max_episode_env_steps: PositiveInt | None = None,
+        lap_complete_percent: LapShare = 0.95,
         domain_randomize: bool = False,
         seed: int = 0,
     ) -> None:
-        action_repeat = default_action_repeat() if action_repeat is None else action_repeat
-        require_positive_ints(
-            {
-                "image_size": image_size,
-                "frame_stack": frame_stack,
-                "action_repeat": action_repeat,
-                "max_episode_env_steps": max_episode_env_steps,
-            },
-            prefix="env.",
-        )
-        if not 0.0 < lap_complete_percent <= 1.0:
-            raise ConfigError(
-                f"lap_complete_percent={lap_complete_percent} is outside (0, 1]",
-                "set lap_complete_percent to a share of the track, e.g. 0.95",
-            )
         _require_box2d()
-
         self.image_size = int(image_size)
-        self.frame_stack = int(frame_stack)
-        self.action_repeat = int(action_repeat)
         self.crop_hud = bool(crop_hud)
-        self.max_episode_env_steps = max_episode_env_steps
-        self.render_mode = "rgb_array"
-        self.env_steps = 0
         self._seed: int | None = int(seed)  # used by the first reset without a seed
 
+        # The episode cap is CarRacing's own time limit (gymnasium's TimeLimit wrapper); the
+        # skeleton's cap is the same number, so both end an episode on the same env step.
         self._env = gymnasium.make(
             "CarRacing-v3",
             render_mode="rgb_array",
@@ -208,95 +177,56 @@ class CarRacingEnv(gymnasium.Env):
             disable_env_checker=True,
         )
         self._car_racing = self._env.unwrapped
-
-        self.frame_shape: tuple[int, ...] = (3, self.image_size, self.image_size)
-        self.observation_space = gymnasium.spaces.Box(
-            0, 255, shape=(3 * self.frame_stack, self.image_size, self.image_size), dtype=np.uint8
+        self._native: np.ndarray | None = None  # CarRacing's newest 96x96 observation
+        self._set_up(
+            frame_shape=(3, self.image_size, self.image_size),
+            frame_stack=frame_stack,
+            action_repeat=self.resolved_action_repeat({"action_repeat": action_repeat}),
+            action_dim=3,
+            max_episode_env_steps=max_episode_env_steps,
         )
-        self.action_space = gymnasium.spaces.Box(-1.0, 1.0, shape=(3,), dtype=np.float32)
 
-        self._frames = FrameStack(self.frame_stack)
-        self._episode_return = 0.0
-        self._needs_reset = True
+    # ---------------------------------------------------------------- PixelEnv hooks
 
-    # ---------------------------------------------------------------- gymnasium API
-
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Starts an episode on a new random track.
-
-        Args:
-            seed: If given, reseeds CarRacing's random generator (track shape, colours under
-                ``domain_randomize``); else the first reset uses the constructor's seed and later
-                ones continue its stream.
-            options: Passed to CarRacing (``{"randomize": False}`` keeps the colours).
-
-        Returns:
-            The first observation (its stack holds copies of the first frame) and an empty dict.
-        """
-        super().reset(seed=seed)
+    def _reset_simulation(self, seed: int | None, options: dict[str, Any] | None) -> None:
+        """A new random track: ``seed`` reseeds CarRacing's generator (track shape, colours
+        under ``domain_randomize``); else the first reset uses the constructor's seed and later
+        ones continue its stream. ``options`` go to CarRacing (``{"randomize": False}`` keeps
+        the colours)."""
         if seed is None:
             seed, self._seed = self._seed, None
         else:
             self._seed = None
-        native, _ = self._env.reset(seed=seed, options=options)
-        self._episode_return = 0.0
-        self._needs_reset = False
-        self._frames.reset(self._frame(native))
-        return self._frames.observation(), {}
+        self._native, _ = self._env.reset(seed=seed, options=options)
 
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        """Repeats ``action`` for ``action_repeat`` env steps (fewer if the episode ends).
+    def _begin_step(self, action: np.ndarray) -> np.ndarray:
+        return to_car_racing_action(action)
 
-        Args:
-            action: (3,) agent action (steer, gas, brake) in [-1, 1]; clipped, then mapped by
-                :func:`to_car_racing_action`.
+    def _step_simulation(self, command: np.ndarray, last: bool) -> tuple[float, bool, bool, dict]:
+        """One CarRacing step: +1000/N per new track tile, -0.1 per step, -100 for leaving the
+        playfield; terminated when the lap is complete or the car left the playfield, truncated
+        at the step limit. Info has CarRacing's ``lap_finished`` when it terminated."""
+        if not last:  # a frame nobody will see: skip the drawing
+            self._car_racing._render = _no_frame
+        try:
+            self._native, reward, terminated, truncated, info = self._env.step(command)
+        finally:
+            self._car_racing.__dict__.pop("_render", None)
+        out = {"lap_finished": bool(info["lap_finished"])} if "lap_finished" in info else {}
+        return float(reward), terminated, truncated, out
 
-        Returns:
-            ``(obs, reward, terminated, truncated, info)``: reward summed over the repeat
-            (+1000/N per new track tile, -0.1 per env step, -100 for leaving the playfield);
-            ``terminated`` when the lap is complete or the car left the playfield; ``truncated``
-            at the step limit; info has ``env_steps`` (taken in this call) and ``episode_return``
-            (running sum), plus CarRacing's ``lap_finished`` when it terminated.
+    def _frame(self) -> np.ndarray:
+        """(96, 96, 3) CarRacing observation -> (3, S, S) uint8 policy frame."""
+        if self._native is None:  # the episode ended on a step that skipped its drawing
+            self._native = self._car_racing.state = self._car_racing._render("state_pixels")
+        image = np.asarray(self._native, dtype=np.uint8)
+        if self.crop_hud:
+            top, bottom, left, right = _HUD_CROP
+            image = image[top:bottom, left:right]
+        image = _resize(image, self.image_size, self.image_size)
+        return np.ascontiguousarray(image.transpose(2, 0, 1))
 
-        Raises:
-            RuntimeError: If called before :meth:`reset` or after the episode ended.
-            ValueError: If the action's shape is not (3,).
-        """
-        if self._needs_reset:
-            raise RuntimeError("CarRacingEnv.step called before reset() or after the episode ended")
-        action = np.asarray(action)
-        if action.shape != self.action_space.shape:
-            raise ValueError(f"action shape {action.shape} != {self.action_space.shape}")
-        env_action = to_car_racing_action(action)
-
-        reward, steps = 0.0, 0
-        terminated = truncated = False
-        native, info = None, {}
-        for i in range(self.action_repeat):
-            if i < self.action_repeat - 1:  # a frame nobody will see: skip the drawing
-                self._car_racing._render = _no_frame
-            try:
-                native, step_reward, terminated, truncated, info = self._env.step(env_action)
-            finally:
-                self._car_racing.__dict__.pop("_render", None)
-            steps += 1
-            reward += float(step_reward)
-            if terminated or truncated:
-                break
-        if native is None:  # the episode ended on a step that skipped its drawing
-            native = self._car_racing.state = self._car_racing._render("state_pixels")
-
-        self.env_steps += steps
-        self._episode_return += reward
-        truncated = truncated and not terminated
-        self._needs_reset = terminated or truncated
-        self._frames.push(self._frame(native))
-        out = {"env_steps": steps, "episode_return": self._episode_return}
-        if "lap_finished" in info:
-            out["lap_finished"] = bool(info["lap_finished"])
-        return self._frames.observation(), reward, terminated, truncated, out
+    # ---------------------------------------------------------------- rendering
 
     def render(self, height: int | None = None, width: int | None = None) -> np.ndarray:
         """The current view at any size (the VLM reads a larger one than the policy).
@@ -332,29 +262,8 @@ class CarRacingEnv(gymnasium.Env):
         scaled = pygame.transform.smoothscale(surface, (width, height))
         return np.ascontiguousarray(pygame.surfarray.array3d(scaled).transpose(1, 0, 2))
 
-    @property
-    def control_timestep(self) -> float:
-        """Simulated seconds per env step (CarRacing runs at 50 steps per second)."""
-        return 1.0 / 50.0
-
-    @property
-    def task_description(self) -> str:
-        """The task in words, for the VLM's prompt."""
-        return TASK_DESCRIPTION
-
     def close(self) -> None:
         """Closes CarRacing (idempotent)."""
         if self._env is not None:
             self._env.close()
             self._env = None
-
-    # ---------------------------------------------------------------- helpers
-
-    def _frame(self, native: np.ndarray) -> np.ndarray:
-        """(96, 96, 3) CarRacing observation -> (3, S, S) uint8 policy frame."""
-        image = np.asarray(native, dtype=np.uint8)
-        if self.crop_hud:
-            top, bottom, left, right = _HUD_CROP
-            image = image[top:bottom, left:right]
-        image = _resize(image, self.image_size, self.image_size)
-        return np.ascontiguousarray(image.transpose(2, 0, 1))
