@@ -406,3 +406,15 @@ def test_transitions_by_id_survive_until_overwritten():
     assert present.tolist() == [False] * 5 + [True] * 7
     assert batch["action"][present].flatten().tolist() == [5, 6, 7, 8, 9, 10, 11]
     assert batch["obs"][present].flatten().tolist() == [5, 6, 7, 8, 9, 10, 11]
+
+
+@pytest.mark.parametrize(("key", "value"), [("capacity", 1), ("batch_size", 0), ("seed", -1)])
+def test_bad_values_are_refused_by_the_typed_signature(key, value):
+    """Single-value bounds live in the __init__ types, checked where a recipe is parsed."""
+    from jsonargparse import ArgumentError, ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(ReplayDataModule, "replay")
+    assert parser.parse_args([]).replay.capacity == 100_000  # the defaults pass
+    with pytest.raises(ArgumentError, match=rf"replay\.{key}"):
+        parser.parse_args([f"--replay.{key}={value}"])

@@ -7,7 +7,8 @@
 computed when a segment ends. For an episode that *terminated*, bootstrap is 0; for a segment cut
 by a time limit or by the end of a collection round, the caller passes the critic's value of the
 last observation (or 0 and marks the rows as truncated). ``immediate_reward`` is r_t itself and
-``q_value`` the critic's Q(s_t, a_t) at filter time (the SFT data module asks the policy for it).
+``q_value`` the critic's Q(s_t, a_t) at filter time (the COVR loop asks the critic and passes the
+values to ``SFTDataModule.build``).
 """
 
 from __future__ import annotations
