@@ -109,6 +109,19 @@ def test_one_stream_layout_equals_the_plain_ring():
             one.add(np.zeros(A), 1.0, env.step(), t == 5)
     assert one.num_frames_stored == 12 and one._ring.extent == 12
     assert one.last_transition_id == 3 * 7 - 2  # the plain frame write counter
+    assert one.frames_written.tolist() == [3 * 7]  # counts overwritten frames too
+
+
+def test_frames_written_counts_per_stream():
+    dm = ReplayDataModule(capacity=CAPACITY, batch_size=8)
+    assert dm.frames_written.tolist() == [0]  # before allocation
+    dm = make()
+    play_interleaved(dm, 10)
+    written = dm.frames_written
+    assert written.shape == (dm.num_streams,) and written.sum() >= dm.num_frames_stored
+    assert written.min() >= 10  # every stream wrote at least one frame per round
+    written[:] = -1  # a copy: the buffer's counters are untouched
+    assert dm.frames_written.min() >= 0
 
 
 def test_save_load_round_trip_with_streams(tmp_path):

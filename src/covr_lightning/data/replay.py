@@ -322,6 +322,11 @@ class ReplayDataModule(lightning.LightningDataModule):
         return 0 if self._ring is None else self._ring.size
 
     @property
+    def frames_written(self) -> np.ndarray:
+        """``(num_streams,)`` frames written per stream since allocation (a copy; zeros before it)."""
+        return np.zeros(1, np.int64) if self._ring is None else self._ring.num_written.copy()
+
+    @property
     def nbytes(self) -> int:
         """Total bytes of all allocated arrays (0 before ``allocate``)."""
         return 0 if self._ring is None else sum(a.nbytes for a in self._ring.arrays().values())
