@@ -265,7 +265,7 @@ def test_headless_import_picks_the_dummy_video_driver():
 
 def test_recipe_trains_with_phrase_guidance_on_cpu(workdir):
     """COVR on CarRacing: a fine-tune on phrase targets, then guided updates (tiny VLM)."""
-    from covr_lightning.loop.covr_loop import COVRLoop
+    from covr_lightning.build import build_loop
 
     cfg = load_recipe(
         "car_racing",
@@ -292,7 +292,7 @@ def test_recipe_trains_with_phrase_guidance_on_cpu(workdir):
             "sft.eddf_quantile=0.5",
         ],
     )
-    loop = COVRLoop(cfg)
+    loop = build_loop(cfg)
     loop.fit()
     assert loop.env_steps == 64
     assert loop.updates >= 8 and loop.module.update_step == loop.updates

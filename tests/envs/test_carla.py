@@ -26,8 +26,8 @@ from tests.envs import fake_carla
 
 from covr_lightning.cli import main
 from covr_lightning.config import load_recipe
-from covr_lightning.envs import carla as carla_env
 from covr_lightning.envs.carla import CarlaEnv, highway_reward, split_action
+from covr_lightning.envs.carla import server as carla_server
 from covr_lightning.errors import ConfigError
 
 DT = 0.05
@@ -47,7 +47,7 @@ def _lock_file(port: int) -> Path:
 def fake(monkeypatch):
     """The fake client imported as ``carla``, one fake server on a free port, empty registries."""
     monkeypatch.setitem(sys.modules, "carla", fake_carla)
-    monkeypatch.setattr(carla_env, "_SERVERS", {})
+    monkeypatch.setattr(carla_server, "SERVERS", {})
     monkeypatch.setattr(fake_carla, "SERVERS", {})
     server = fake_carla.serve(_free_port())
     yield server
@@ -292,7 +292,7 @@ def test_reset_and_close_destroy_every_spawned_actor(make_env, fake):
     assert fake.actors == {} and sorted(fake.destroyed) == sorted(fake.spawned)
     assert not fake.settings.synchronous_mode and not fake.traffic_managers[8000].synchronous
     env.close()  # idempotent
-    assert carla_env._SERVERS == {}
+    assert carla_server.SERVERS == {}
 
 
 def _types(server) -> list[str]:
@@ -330,15 +330,15 @@ def test_two_envs_share_the_world_by_parking_each_other(make_env, fake):
     assert reward > 0 and info["speed"] > 0.4  # it kept its speed through the pause
 
 
-@pytest.mark.skipif(carla_env.fcntl is None, reason="the server lock needs fcntl")
+@pytest.mark.skipif(carla_server.fcntl is None, reason="the server lock needs fcntl")
 def test_a_server_driven_by_another_process_is_refused(make_env, fake):
     with open(_lock_file(fake.port), "a+") as handle:
-        carla_env.fcntl.flock(handle, carla_env.fcntl.LOCK_EX | carla_env.fcntl.LOCK_NB)
+        carla_server.fcntl.flock(handle, carla_server.fcntl.LOCK_EX | carla_server.fcntl.LOCK_NB)
         with pytest.raises(
             ConfigError, match=f"already drives the CARLA server at localhost:{fake.port}"
         ):
             make_env()
-        carla_env.fcntl.flock(handle, carla_env.fcntl.LOCK_UN)
+        carla_server.fcntl.flock(handle, carla_server.fcntl.LOCK_UN)
     make_env().reset(seed=0)
 
 
@@ -390,7 +390,7 @@ def test_no_server_names_the_port_and_how_to_start_one(fake):
     line = err.value.line()
     assert f"no CARLA server answered at localhost:{port}" in line
     assert "CarlaUE4.sh -RenderOffScreen" in line and "carlasim/carla" in line
-    assert carla_env._SERVERS == {}
+    assert carla_server.SERVERS == {}
 
 
 def test_missing_carla_package_says_how_to_install_it(monkeypatch):
@@ -402,18 +402,39 @@ def test_missing_carla_package_says_how_to_install_it(monkeypatch):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"scenario": "city"}, "unknown CARLA scenario"),
-        ({"cameras": 2}, "cameras=2 is not 1, 3 or 5"),
         ({"cameras": 5, "fov": 90.0}, "do not fit in 360 degrees"),
-        ({"image_size": 0}, "image_size=0 is not a positive integer"),
-        ({"reward_aggregation": "max"}, "unknown reward_aggregation"),
         ({"ghost_window": (50, 10)}, "ghost_window"),
-        ({"timeout": 0.0}, "timeout=0.0 is not positive"),
     ],
 )
-def test_bad_options_are_config_errors_before_connecting(options, message):
+def test_option_relations_are_config_errors_before_connecting(options, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         CarlaEnv(**options)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "env.scenario=city",
+        "env.cameras=2",
+        "env.image_size=0",
+        "env.reward_aggregation=max",
+        "env.timeout=0.0",
+        "env.num_vehicles=-1",
+        "env.ghost_window=[0, 10]",
+        "env.collision_end_impulse=0",
+    ],
+)
+def test_typed_options_are_refused_when_the_recipe_is_parsed(override):
+    with pytest.raises(ConfigError) as err:
+        load_recipe("carla_highway", [override])
+    assert "\n" not in err.value.line()
+
+
+def test_resolved_action_repeat_needs_no_server():
+    assert CarlaEnv.resolved_action_repeat({}) == 4
+    assert CarlaEnv.resolved_action_repeat({"action_repeat": 2}) == 2
+    assert CarlaEnv.max_num_envs == 1
+    assert CarlaEnv.episode_metrics == ("driving_distance", "dbc_distance")
 
 
 # --------------------------------------------------------------------------- CLI and recipes
@@ -540,26 +561,27 @@ TINY_CARLA = [
 
 @pytest.mark.parametrize("name", ["carla_highway", "carla_ghost_pedestrian"])
 def test_carla_recipe_trains_on_the_fake_client(name, fake, workdir):
-    from covr_lightning.loop.covr_loop import COVRLoop
+    from covr_lightning.build import build_loop
 
     overrides = [*TINY_CARLA, f"env.port={fake.port}", "env.ghost_window=[2, 4]"]
     cfg = load_recipe(name, overrides)
     assert cfg.covr.prior_weight == 2.0 and cfg.covr.cold_start_rounds == 2
     assert cfg.vlm.init_args.lora_alpha == 256
-    loop = COVRLoop(cfg)
+    loop = build_loop(cfg)
     loop.fit()
     assert loop.updates >= 3 and loop.module.update_step == loop.updates
     assert fake.ticks >= 24
     # The evaluation reports the driving distance beside the return.
-    assert set(loop.last_eval_metrics) == {"driving_distance", "dbc_distance"}
-    assert all(math.isfinite(v) for v in loop.last_eval_metrics["driving_distance"])
+    metrics = loop.last_evaluation.episode_metrics
+    assert set(metrics) == {"driving_distance", "dbc_distance"}
+    assert all(math.isfinite(v) for v in metrics["driving_distance"])
     # fit() closed the training and evaluation envs: every actor is gone, the server is async.
     assert fake.actors == {} and not fake.settings.synchronous_mode
 
 
 def test_more_than_one_training_env_is_refused_up_front(fake, workdir):
-    from covr_lightning.loop.covr_loop import COVRLoop
+    from covr_lightning.build import build_loop
 
     cfg = load_recipe("carla_highway", [*TINY_CARLA, f"env.port={fake.port}", "run.num_envs=2"])
     with pytest.raises(ConfigError, match="set run.num_envs=1"):
-        COVRLoop(cfg)
+        build_loop(cfg)
