@@ -177,8 +177,13 @@ def test_record_step_rejects_half_rows_and_bad_frames():
     with pytest.raises(ValueError, match="uint8"):
         dm.record_step(1.0, frame=np.zeros((8, 8, 3), np.float32), action=action(0))
     dm.record_step(1.0, frame=frame(0), action=action(0))
-    with pytest.raises(ValueError, match="D_f holds"):
+    with pytest.raises(ValueError, match="D_f holds") as err:
         dm.record_step(1.0, frame=np.zeros((4, 4, 3), np.uint8), action=action(0))
+    assert not isinstance(err.value, ConfigError)  # the loop's mistake: keeps its traceback
+    full = SFTDataModule(max_rows=1)
+    full.record_step(1.0, frame=frame(0), action=action(0))
+    with pytest.raises(ValueError, match="uint8"):  # checked even when the row would be dropped
+        full.record_step(1.0, frame=np.zeros((8, 8, 3), np.float32), action=action(1))
 
 
 # ---------------------------------------------------------------------- (4) return signals

@@ -174,6 +174,7 @@ class SFTDataModule(lightning.LightningDataModule):
             return
         if frame is None or action is None:
             raise ValueError("record_step needs both frame and action to store a row, or neither")
+        frame, action = self._rows.check_row(frame, action)
         if self._rows.size >= self.max_rows:
             if self._dropped == 0:
                 log.warning(
@@ -184,8 +185,8 @@ class SFTDataModule(lightning.LightningDataModule):
             self._dropped += 1
             return
         i = self._rows.append(
-            np.asarray(frame),
-            np.asarray(action, dtype=np.float32),
+            frame,
+            action,
             reward=reward,
             replay_index=replay_index,
             entropy=entropy,

@@ -9,6 +9,7 @@ and action shapes; arrays double as rows arrive, up to ``max_rows``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -63,6 +64,35 @@ class RowStore:
         self.fields = stored
         self.size = rows
 
+    def check_row(self, frame: Any, action: Any) -> tuple[np.ndarray, np.ndarray]:
+        """A row's frame and action as arrays, checked against the rows already stored.
+
+        Args:
+            frame: uint8 ``(H, W, 3)``.
+            action: ``(A,)``, stored as float32.
+
+        Returns:
+            ``(frame, action)`` ready for :meth:`append`.
+
+        Raises:
+            ValueError: If the frame or action has the wrong shape or dtype, or differs in shape
+                from the rows already stored.
+        """
+        frame = np.asarray(frame)
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+            raise ValueError(f"frame must be uint8 (H, W, 3), got {frame.dtype} {frame.shape}")
+        action = np.asarray(action, dtype=np.float32)
+        if action.ndim != 1:
+            raise ValueError(f"action must be one unbatched vector (A,), got shape {action.shape}")
+        if self.size > 0 and (
+            frame.shape != self.frames.shape[1:] or action.shape[0] != self.actions.shape[1]
+        ):
+            raise ValueError(
+                f"row has frame {frame.shape} and action {action.shape}; D_f holds frames "
+                f"{self.frames.shape[1:]} and actions ({self.actions.shape[1]},)"
+            )
+        return frame, action
+
     def append(
         self,
         frame: np.ndarray,
@@ -73,7 +103,7 @@ class RowStore:
         entropy: float,
         segment_step: int,
     ) -> int:
-        """Store one row; its return-to-go is NaN until its segment ends.
+        """Store one row (checked by :meth:`check_row`); its return-to-go is NaN until its segment ends.
 
         Args:
             frame: uint8 ``(H, W, 3)``.
@@ -85,22 +115,7 @@ class RowStore:
 
         Returns:
             The row's index.
-
-        Raises:
-            ValueError: If the frame or action has the wrong shape or dtype, or differs in shape
-                from the rows already stored.
         """
-        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-            raise ValueError(f"frame must be uint8 (H, W, 3), got {frame.dtype} {frame.shape}")
-        if action.ndim != 1:
-            raise ValueError(f"action must be one unbatched vector (A,), got shape {action.shape}")
-        if self.size > 0 and (
-            frame.shape != self.frames.shape[1:] or action.shape[0] != self.actions.shape[1]
-        ):
-            raise ValueError(
-                f"row has frame {frame.shape} and action {action.shape}; D_f holds frames "
-                f"{self.frames.shape[1:]} and actions ({self.actions.shape[1]},)"
-            )
         self._grow(frame.shape, action.shape[0])
         i = self.size
         self.frames[i] = frame
