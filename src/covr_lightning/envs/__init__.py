@@ -2,8 +2,9 @@
 
 :class:`PixelEnv` (``base.py``) states the protocol the loop relies on and implements the agent
 step once; :class:`DMCEnv`, :class:`CarRacingEnv` and :class:`CarlaEnv` (the ``carla`` package)
-fill in their simulators. Importing this package loads none of the optional simulators: ``carla`` is imported when a
-:class:`CarlaEnv` is built, Box2D and pygame when a :class:`CarRacingEnv` is.
+fill in their simulators. Importing this package loads none of the optional simulators:
+``carla`` is imported when a :class:`CarlaEnv` is built, Box2D and pygame when a
+:class:`CarRacingEnv` is.
 """
 
 # dmc first: it picks MuJoCo's headless GL backend, which only works before anything imports MuJoCo.

@@ -19,8 +19,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import math
-import queue
 import weakref
 from typing import Any, Literal, NoReturn
 
@@ -31,7 +29,6 @@ from PIL import Image
 from covr_lightning.envs.base import EpisodeLost, PixelEnv
 from covr_lightning.envs.carla import server as carla_server
 from covr_lightning.envs.carla.scenarios import (
-    CAMERA_MOUNT,
     DEFAULT_ACTION_REPEAT,
     STUCK_SPEED,
     TASK_DESCRIPTIONS,
@@ -45,17 +42,12 @@ from covr_lightning.envs.carla.scenarios import (
     spawn_traffic,
     split_action,
 )
+from covr_lightning.envs.carla.sensors import EgoSensors
 from covr_lightning.errors import ConfigError
 
 _LOG = logging.getLogger(__name__)
 
 _SETTLE_TICKS = 2
-
-
-def _bgra_to_rgb(image) -> np.ndarray:
-    """A ``carla.Image`` (BGRA bytes) -> (H, W, 3) uint8 RGB, copied out of the client's buffer."""
-    bgra = np.frombuffer(image.raw_data, dtype=np.uint8).reshape(image.height, image.width, 4)
-    return np.ascontiguousarray(bgra[:, :, 2::-1])
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -192,10 +184,7 @@ class CarlaEnv(PixelEnv):
         self._actors: list = []  # everything this env spawned, sensors first
         self._traffic: list = []
         self._ego = self._walker = self._ghost_control = None
-        self._camera_queues: list[queue.SimpleQueue] = []
-        self._view_queue: queue.SimpleQueue | None = None
-        self._collisions: queue.SimpleQueue = queue.SimpleQueue()
-        self._muted = False  # parked: sensor callbacks drop their data
+        self._sensors = EgoSensors(self.timeout)
         self._parked: list[carla_server.Parked] = []
         self._policy_frame: np.ndarray | None = None
         self._view: np.ndarray | None = None
@@ -301,8 +290,8 @@ class CarlaEnv(PixelEnv):
             tick = self._tick()
             end = end_reason(tick, self.collision_end_impulse)
             if end or last:
-                self._observe(tick.frame)
-                late = self._take_collisions()  # events that arrived with the images
+                self._policy_frame, self._view = self._sensors.observe(tick.frame)
+                late = self._sensors.take_collisions()  # events that arrived with the images
                 tick.impulse += late[0]
                 tick.pedestrian |= late[1]
                 end = end_reason(tick, self.collision_end_impulse)
@@ -331,25 +320,14 @@ class CarlaEnv(PixelEnv):
 
     def _start_episode(self) -> None:
         """Spawn ego, sensors, traffic (and plan the pedestrian); tick until the first frame."""
-        carla, server = self.carla, self._server
+        server = self._server
         self._generation = server.generation
         self._ego, ego_lane = spawn_ego(server, self._rng)
         self._actors.append(self._ego)
-        mount = carla.Location(x=CAMERA_MOUNT[0], z=CAMERA_MOUNT[1])
-        self._camera_queues = []
-        for k in range(self.cameras):
-            yaw = (k - (self.cameras - 1) / 2) * self.fov  # left to right
-            self._camera_queues.append(
-                self._spawn_camera(self.image_size, carla.Transform(mount, carla.Rotation(yaw=yaw)))
-            )
-        self._view_queue = None
-        if self.view_size:
-            self._view_queue = self._spawn_camera(self.view_size, carla.Transform(mount))
-        collision = server.world.spawn_actor(
-            server.blueprints.find("sensor.other.collision"), carla.Transform(), attach_to=self._ego
+        sensors = self._sensors.spawn(
+            server, self._ego, self.image_size, self.cameras, self.fov, self.view_size
         )
-        self._actors.insert(0, collision)
-        collision.listen(self._on_collision)
+        self._actors[:0] = sensors  # sensors first: they go before what they are attached to
         self._traffic = spawn_traffic(server, self._rng, ego_lane, self.num_vehicles)
         self._actors.extend(self._traffic)
 
@@ -358,21 +336,8 @@ class CarlaEnv(PixelEnv):
         self._ghost_at = int(self._rng.integers(self.ghost_window[0], self.ghost_window[1] + 1))
         for _ in range(_SETTLE_TICKS - 1):
             server.world.tick()
-        frame = server.world.tick()
-        self._observe(frame)
-        self._take_collisions()  # bumps while settling are not the agent's
-
-    def _spawn_camera(self, size: int, transform) -> queue.SimpleQueue:
-        server = self._server
-        blueprint = server.blueprints.find("sensor.camera.rgb")
-        blueprint.set_attribute("image_size_x", str(size))
-        blueprint.set_attribute("image_size_y", str(size))
-        blueprint.set_attribute("fov", str(self.fov))
-        camera = server.world.spawn_actor(blueprint, transform, attach_to=self._ego)
-        self._actors.insert(0, camera)
-        images: queue.SimpleQueue = queue.SimpleQueue()
-        camera.listen(lambda image: None if self._muted else images.put(image))
-        return images
+        self._policy_frame, self._view = self._sensors.observe(server.world.tick())
+        self._sensors.take_collisions()  # bumps while settling are not the agent's
 
     def destroy_actors(self) -> None:
         """Destroy everything this env spawned (sensors first); a stale actor is skipped."""
@@ -414,34 +379,29 @@ class CarlaEnv(PixelEnv):
     def _forget_actors(self) -> None:
         self._actors, self._traffic, self._parked = [], [], []
         self._ego = self._walker = self._ghost_control = None
-        self._muted = False
-        while not self._collisions.empty():
-            self._collisions.get_nowait()
+        self._sensors.muted = False
+        self._sensors.drain()
 
     # ---------------------------------------------------------------- sharing the world
 
     def park(self) -> None:
         """Freeze this env's cars and pedestrian 500 m above their place; mute its sensors."""
-        if self._ego is None or self._muted:
+        if self._ego is None or self._sensors.muted:
             return
-        self._muted = True
+        self._sensors.muted = True
         movers = [self._ego, *self._traffic] + ([self._walker] if self._walker else [])
         self._parked = carla_server.park(self._server, movers, self._traffic)
 
     def unpark(self) -> None:
         """Put parked actors back with their velocities; drop what the sensors saw meanwhile."""
-        if not self._muted:
+        if not self._sensors.muted:
             return
         carla_server.unpark(self._server, self._parked, self._traffic)
         if self._walker is not None:
             self._walker.apply_control(self._ghost_control)
         self._parked = []
-        for images in [*self._camera_queues, self._view_queue]:
-            while images is not None and not images.empty():
-                images.get_nowait()
-        while not self._collisions.empty():
-            self._collisions.get_nowait()
-        self._muted = False
+        self._sensors.drain()
+        self._sensors.muted = False
 
     # ---------------------------------------------------------------- ticks
 
@@ -450,7 +410,7 @@ class CarlaEnv(PixelEnv):
         server = self._server
         tick = Tick(frame=server.world.tick())
         number = self._episode_env_steps + 1  # this tick's place in the episode
-        tick.impulse, tick.pedestrian = self._take_collisions()
+        tick.impulse, tick.pedestrian = self._sensors.take_collisions()
         measure(server, self._ego, tick, self.dt)
         self._slow_ticks = self._slow_ticks + 1 if tick.speed < STUCK_SPEED else 0
         tick.stuck = self._slow_ticks >= self.stuck_env_steps
@@ -477,42 +437,3 @@ class CarlaEnv(PixelEnv):
             "collision_impulse": sum(t.impulse for t in ticks),
             "end_reason": end,
         }
-
-    def _on_collision(self, event) -> None:
-        """Collision sensor callback (client thread): queue the impulse norm and who was hit."""
-        if self._muted:
-            return
-        impulse = event.normal_impulse
-        other = getattr(event.other_actor, "type_id", "") or ""
-        self._collisions.put((math.sqrt(impulse.x**2 + impulse.y**2 + impulse.z**2), other))
-
-    def _take_collisions(self) -> tuple[float, bool]:
-        """Sum of the impulses queued since the last call, and whether one was with a walker."""
-        total, pedestrian = 0.0, False
-        while not self._collisions.empty():
-            impulse, other = self._collisions.get_nowait()
-            total += impulse
-            pedestrian |= other.startswith("walker.")
-        return total, pedestrian
-
-    def _observe(self, frame: int) -> None:
-        """Wait for every camera's image of ``frame``; stitch the policy frame, keep the view."""
-        images = [_bgra_to_rgb(self._image(q, frame)) for q in self._camera_queues]
-        panorama = np.concatenate(images, axis=1) if len(images) > 1 else images[0]
-        self._policy_frame = np.ascontiguousarray(panorama.transpose(2, 0, 1))
-        if self._view_queue is not None:
-            self._view = _bgra_to_rgb(self._image(self._view_queue, frame))
-        else:
-            self._view = images[len(images) // 2]
-
-    def _image(self, images: queue.SimpleQueue, frame: int):
-        """The image of ``frame`` from a camera's queue (older ones are dropped)."""
-        while True:
-            try:
-                image = images.get(timeout=self.timeout)
-            except queue.Empty:
-                raise RuntimeError(
-                    f"no camera image for frame {frame} within {self.timeout:g} s"
-                ) from None
-            if image.frame >= frame:
-                return image
