@@ -3,7 +3,7 @@
     python benchmarks/vector_envs.py                      # quickstart recipe, 1 and 2 envs
     python benchmarks/vector_envs.py --envs 1 2 4 --recipe dmc_cheetah vlm.backbone=tiny-qwen2.5-vl
 
-Three figures per N, each the real loop (:class:`~covr_lightning.loop.covr_loop.COVRLoop`) with
+Three figures per N, each the real loop (built by :func:`covr_lightning.build.build_loop`) with
 MLflow off and checkpoints in a temporary folder:
 
   collect   env steps/s of warm-up steps only (random actions, no update): what the worker
@@ -23,8 +23,8 @@ import os
 import tempfile
 import time
 
+from covr_lightning.build import build_loop
 from covr_lightning.config import load_recipe
-from covr_lightning.loop.covr_loop import COVRLoop
 from covr_lightning.tracking.progress import TrainingProgress
 
 
@@ -45,7 +45,7 @@ def measure(recipe: str, overrides: list[str], num_envs: int, mode: str, env_ste
     else:  # guided from the first step: psi_0 = budget would make one unguided round
         extra = ["run.seed_env_steps=0", "covr.cold_start_rounds=0", "covr.psi_0=100000000"]
     cfg = load_recipe(recipe, [*common, *extra, f"run.total_env_steps={10 * env_steps}"])
-    loop = COVRLoop(cfg)
+    loop = build_loop(cfg)  # RLLoop with COVR off, COVRLoop on
     if mode == "guided":
         loop.module.prior_weight = loop.covr.prior_weight
     warm = loop.action_repeat * num_envs * 4  # first steps start workers' GL and allocate
@@ -54,7 +54,7 @@ def measure(recipe: str, overrides: list[str], num_envs: int, mode: str, env_ste
         start, done = time.perf_counter(), loop.env_steps
         loop.train_until(done + env_steps)
         rate = (loop.env_steps - done) / (time.perf_counter() - start)
-    loop.envs.close()
+    loop.close()
     return rate
 
 
