@@ -94,7 +94,8 @@ class PixelEnv(gymnasium.Env, ABC):
     writes one number per action dimension; a subclass may name a phrase codec, per class or per
     instance."""
     default_action_repeat: ClassVar[int] = 1
-    """The action repeat when a recipe sets none (see :meth:`resolved_action_repeat`)."""
+    """The action repeat when a recipe sets none (see :meth:`resolved_action_repeat`); an env
+    whose default depends on the task (DMC's per-domain table) overrides that method instead."""
 
     action_repeat: int
     frame_stack: int
