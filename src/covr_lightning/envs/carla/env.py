@@ -27,7 +27,6 @@ from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat,
 from PIL import Image
 
 from covr_lightning.envs.base import EpisodeLost, PixelEnv
-from covr_lightning.envs.carla import server as carla_server
 from covr_lightning.envs.carla.scenarios import (
     DEFAULT_ACTION_REPEAT,
     STUCK_SPEED,
@@ -43,6 +42,13 @@ from covr_lightning.envs.carla.scenarios import (
     split_action,
 )
 from covr_lightning.envs.carla.sensors import EgoSensors
+from covr_lightning.envs.carla.server import (
+    Parked,
+    import_carla,
+    join_server,
+    park_actors,
+    unpark_actors,
+)
 from covr_lightning.errors import ConfigError
 
 _LOG = logging.getLogger(__name__)
@@ -185,14 +191,14 @@ class CarlaEnv(PixelEnv):
         self._traffic: list = []
         self._ego = self._walker = self._ghost_control = None
         self._sensors = EgoSensors(self.timeout)
-        self._parked: list[carla_server.Parked] = []
+        self._parked: list[Parked] = []
         self._policy_frame: np.ndarray | None = None
         self._view: np.ndarray | None = None
         self._step_ticks: list[Tick] = []  # the ticks of the agent step in progress
         self._closed = False
 
-        self.carla = carla_server.import_carla()
-        self._server = carla_server.join_server(
+        self.carla = import_carla()
+        self._server = join_server(
             self, self.carla, self.host, self.port, self.timeout, int(traffic_manager_port), self.dt
         )
         self._generation = self._server.generation
@@ -390,13 +396,13 @@ class CarlaEnv(PixelEnv):
             return
         self._sensors.muted = True
         movers = [self._ego, *self._traffic] + ([self._walker] if self._walker else [])
-        self._parked = carla_server.park(self._server, movers, self._traffic)
+        self._parked = park_actors(self._server, movers, self._traffic)
 
     def unpark(self) -> None:
         """Put parked actors back with their velocities; drop what the sensors saw meanwhile."""
         if not self._sensors.muted:
             return
-        carla_server.unpark(self._server, self._parked, self._traffic)
+        unpark_actors(self._server, self._parked, self._traffic)
         if self._walker is not None:
             self._walker.apply_control(self._ghost_control)
         self._parked = []

@@ -2,9 +2,10 @@
 
 Sharing a server. The training loop builds a training env and an evaluation env from the same
 recipe, both on one server and one world. Envs of one process share a connection
-(:func:`join_server`); when one of them ticks, the other's actors are *parked* (:func:`park`):
-physics off and lifted 500 m above their place, traffic off the autopilot, sensors muted, and put
-back exactly where they were (pose and velocities, :func:`unpark`) when it ticks again. Another
+(:func:`join_server`); when one of them ticks, the other's actors are *parked*
+(:func:`park_actors`): physics off and lifted 500 m above their place, traffic off the autopilot,
+sensors muted, and put back exactly where they were (pose and velocities,
+:func:`unpark_actors`) when it ticks again. Another
 process driving the same server is refused (a lock file per host:port), as one world cannot serve
 two synchronous clients.
 
@@ -261,7 +262,7 @@ Parked = tuple[Any, Any, Any, Any]
 """(actor, transform, velocity, angular velocity) of one parked actor."""
 
 
-def park(server: CarlaServer, movers: list, traffic: list) -> list[Parked]:
+def park_actors(server: CarlaServer, movers: list, traffic: list) -> list[Parked]:
     """Freeze ``movers`` (every moving actor of an env) 500 m above their place.
 
     Args:
@@ -270,7 +271,7 @@ def park(server: CarlaServer, movers: list, traffic: list) -> list[Parked]:
         traffic: The cars among ``movers`` on the Traffic Manager's autopilot (taken off it).
 
     Returns:
-        What :func:`unpark` needs to put them back.
+        What :func:`unpark_actors` needs to put them back.
     """
     parked = [(a, a.get_transform(), a.get_velocity(), a.get_angular_velocity()) for a in movers]
     for car in traffic:
@@ -281,7 +282,7 @@ def park(server: CarlaServer, movers: list, traffic: list) -> list[Parked]:
     return parked
 
 
-def unpark(server: CarlaServer, parked: list[Parked], traffic: list) -> None:
+def unpark_actors(server: CarlaServer, parked: list[Parked], traffic: list) -> None:
     """Put parked actors back with their velocities; the traffic back on the autopilot."""
     for actor, transform, velocity, spin in parked:
         actor.set_transform(transform)
