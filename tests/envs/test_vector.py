@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+
 import numpy as np
 import pytest
 
@@ -53,3 +56,18 @@ def test_one_env_runs_in_process():
 def test_empty_pool_is_a_config_error():
     with pytest.raises(ConfigError, match="num_envs"):
         EnvPool([])
+
+
+def _threads_after_build(factory) -> str | None:
+    """In a spawned process: build the env, report the OpenMP thread setting it ran under."""
+    factory().close()
+    return os.environ.get("OMP_NUM_THREADS")
+
+
+def test_workers_get_one_omp_thread_and_the_main_process_keeps_its_setting(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    (factory,) = env_factories(DMCEnv, {**ARGS, "obs": "state"}, [0])
+    with multiprocessing.get_context("spawn").Pool(1) as workers:
+        assert workers.apply(_threads_after_build, (factory,)) == "1"
+    factory().close()  # in the main process: nothing leaks into later subprocesses
+    assert "OMP_NUM_THREADS" not in os.environ

@@ -13,6 +13,7 @@ torch's thread pool, neither of which survives a fork reliably.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 from collections.abc import Callable
@@ -27,13 +28,18 @@ from covr_lightning.envs.base import PixelEnv
 from covr_lightning.errors import ConfigError
 
 
-def _build_env(env_class: type[PixelEnv], init_args: dict[str, Any], seed: int) -> PixelEnv:
+def _build_env(module: str, qualname: str, init_args: dict[str, Any], seed: int) -> PixelEnv:
     """Build one env in the current process (module-level, so that workers can unpickle it)."""
     # A worker only steps physics and renders: one thread each keeps N workers off the learner's
     # cores (torch, if the env module imports it, would otherwise start a thread per core). Only
-    # in a worker: in the main process the variable would leak into every later subprocess.
+    # in a worker: in the main process the variable would leak into every later subprocess. The
+    # class travels as its import path and is imported only now, after the variable is set: an
+    # env module that imports torch at its top reads it then.
     if multiprocessing.parent_process() is not None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+    env_class: Any = importlib.import_module(module)
+    for name in qualname.split("."):
+        env_class = getattr(env_class, name)
     return env_class(**init_args, seed=seed)
 
 
@@ -52,7 +58,8 @@ def env_factories(
         ``len(seeds)`` constructors; constructor ``i`` builds ``env_class(**init_args,
         seed=seeds[i])``.
     """
-    return [partial(_build_env, env_class, dict(init_args), int(seed)) for seed in seeds]
+    where = (env_class.__module__, env_class.__qualname__)
+    return [partial(_build_env, *where, dict(init_args), int(seed)) for seed in seeds]
 
 
 class EnvPool:
