@@ -5,9 +5,8 @@ recipe, both on one server and one world. Envs of one process share a connection
 (:func:`join_server`); when one of them ticks, the other's actors are *parked*
 (:func:`park_actors`): physics off and lifted 500 m above their place, traffic off the autopilot,
 sensors muted, and put back exactly where they were (pose and velocities,
-:func:`unpark_actors`) when it ticks again. Another
-process driving the same server is refused (a lock file per host:port), as one world cannot serve
-two synchronous clients.
+:func:`unpark_actors`) when it ticks again. Another process driving the same server is refused
+(a lock file per host:port), as one world cannot serve two synchronous clients.
 
 Lost connection. :meth:`CarlaServer.reconnect` connects anew after a time-out; every env's actors
 of the old connection become stale (``generation`` counts reconnects). If the server cannot be
