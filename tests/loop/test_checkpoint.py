@@ -58,7 +58,7 @@ def test_corrupt_state_file_is_a_config_error(tmp_path, fabric):
     path = ckpt.save_checkpoint(fabric, tmp_path, 100, {"x": 1}, {"replay": _FakeReplay()})
     (path / ckpt.STATE_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="corrupt or unreadable.*Fix: resume from an older"):
-        ckpt.read_state(path, fix="")
+        ckpt.read_state(path, fix="resume from an older checkpoint")
 
 
 def test_resume_without_checkpoint_explains(tmp_path):

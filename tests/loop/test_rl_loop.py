@@ -30,10 +30,9 @@ def test_resumed_run_matches_an_uninterrupted_one(workdir, capsys):
     straight = _fit(800, "straight")
     _fit(400, "split")  # stops at an episode end, like a run killed after its checkpoint
     resumed = _fit(800, "split", resume="last")
-    assert (
-        "resumed with a changed setting: run.total_env_steps 400 -> 800" in capsys.readouterr().err
-    )
-
+    err = capsys.readouterr().err
+    assert "resumed with a changed setting: run.total_env_steps 400 -> 800" in err
+    assert "at env step 400" in err  # it continued from the checkpoint, not from scratch
     assert resumed.env_steps == straight.env_steps == 800
     assert resumed.updates == straight.updates
     assert len(resumed.replay) == len(straight.replay)

@@ -25,7 +25,7 @@ def test_covr_with_two_envs_uses_both_and_batches_the_guide(workdir):
     assert 1200 <= loop.env_steps < 1200 + 16
     assert loop.agent_steps == loop.env_steps // 8 and loop.updates > 0
     assert loop.replay.num_streams == 2
-    written = loop.replay._num_written
+    written = loop.replay.frames_written
     assert written.min() > 0 and abs(int(written[0]) - int(written[1])) <= 2
     # 75 agent steps per env: three whole 25-step episodes each, all counted; none left open.
     assert loop.episodes == loop.episodes_started == 6
@@ -53,4 +53,4 @@ def test_resume_with_another_num_envs_is_refused(workdir):
     )
     again.fit()
     assert 320 <= again.env_steps < 320 + 16
-    assert np.all(again.replay._num_written > first.replay._num_written)
+    assert np.all(again.replay.frames_written > first.replay.frames_written)

@@ -178,6 +178,8 @@ class RLLoop:
         self.lane_start_env_step = np.zeros(self.num_envs, dtype=np.int64)
         self.lane_info: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         self.last_evaluation: EpisodeResults | None = None
+        if self.resume_from is not None:
+            self.load(self.resume_from)
 
     # ------------------------------------------------------------------ the loop
 
