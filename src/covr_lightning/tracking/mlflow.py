@@ -162,3 +162,77 @@ class MLflowTracker:
         """Close the run with ``FINISHED``, ``KILLED`` or ``FAILED``."""
         if self.enabled and self.run_id is not None:
             self._client.set_terminated(self.run_id, status=status)
+
+
+def log_evaluation(
+    uri: str,
+    experiment: str,
+    run_id: str | None,
+    metrics: dict[str, float],
+    step: int,
+    artifacts: list[tuple[Path, str]] = (),
+    new_run_name: str = "",
+    tags: dict[str, str] | None = None,
+    say=print,
+) -> str:
+    """Log an evaluation to the training run, or to a new run of its experiment.
+
+    Args:
+        uri: Tracking URI of the store.
+        experiment: The training run's experiment (where a new run goes).
+        run_id: The training run; used when it is in the store and active.
+        metrics: Scalars to log at ``step``.
+        step: The evaluated checkpoint's env step.
+        artifacts: ``(local file, artifact folder)`` pairs.
+        new_run_name: Name of the run created when ``run_id`` is not usable.
+        tags: Tags of a created run.
+        say: Where the line naming the run goes.
+
+    Returns:
+        The id of the run logged to.
+
+    Raises:
+        ConfigError: The store cannot be opened or written.
+    """
+    import mlflow
+    from mlflow.entities import Metric
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        target = None
+        if run_id:
+            try:
+                run = client.get_run(run_id)
+                if run.info.lifecycle_stage == "active":
+                    target = run.info.run_id
+            except Exception:  # MlflowException: not in this store
+                target = None
+        created = target is None
+        if created:
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+            target = client.create_run(
+                experiment_id, run_name=new_run_name, tags=dict(tags or {})
+            ).info.run_id
+            say(
+                f"MLflow: the training run {run_id or '(none recorded)'} is not in {uri}; "
+                f"logged to a new run {target} of experiment '{experiment}'"
+            )
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
+        client.log_batch(target, metrics=batch)
+        for path, folder in artifacts:
+            client.log_artifact(target, str(path), folder)
+        if created:
+            client.set_terminated(target, status="FINISHED")
+    except Exception as err:  # MLflow raises MlflowException, sqlalchemy and OS errors
+        raise ConfigError(
+            f"cannot log to the MLflow store {uri} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200] if str(err) else ''})",
+            "set MLFLOW_TRACKING_URI to the store the run used, or pass --no-log",
+        ) from err
+    if not created:
+        say(f"MLflow: logged {', '.join(metrics)} to run {target} ({uri})")
+    return target
