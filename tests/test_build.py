@@ -45,7 +45,9 @@ def test_same_seed_builds_the_same_networks_and_another_seed_does_not():
 
     first, again, other = weights(3), weights(3), weights(4)
     name = next(
-        k for k, v in first.items() if torch.is_tensor(v) and v.is_floating_point() and v.numel() > 1
+        k
+        for k, v in first.items()
+        if torch.is_tensor(v) and v.is_floating_point() and v.numel() > 1
     )
     assert torch.equal(first[name], again[name])
     assert not torch.equal(first[name], other[name])

@@ -16,10 +16,13 @@ import sys
 from types import ModuleType
 
 from covr_lightning import __version__
-from covr_lightning.errors import ConfigError
-
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+from covr_lightning.errors import (
+    EXIT_CRASHED,
+    EXIT_INTERRUPTED,
+    EXIT_USER_ERROR,
+    ConfigError,
+    RunsFailed,
+)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"covr-lightning: error: {err.line()}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return EXIT_CRASHED if isinstance(err, RunsFailed) and err.crashed else EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(
             "covr-lightning: interrupted; continue with --resume last if a checkpoint was written",

@@ -1,10 +1,20 @@
 """User-facing errors: one line naming the problem and the fix.
 
-The CLI turns a :class:`ConfigError` into a single line on stderr and exit code 2. Internal invariants
-use ``assert``; anything else that escapes is a bug and keeps its traceback under ``--debug``.
+The CLI turns a :class:`ConfigError` into a single line on stderr and exit code 2. Raise it only for
+what a user can fix (a recipe value, a flag, a file, missing weights, a server, the machine). Our own
+bugs are ordinary exceptions (``RuntimeError``, ``ValueError``, ``assert`` for invariants) and keep
+their traceback. The exit codes are named here because a sweep reads its subprocesses' codes;
+``cli.py`` is the only place that maps errors to them and prints the line.
 """
 
 from __future__ import annotations
+
+EXIT_USER_ERROR = 2
+"""Exit code of a user error (``covr-lightning`` maps a :class:`ConfigError` to it)."""
+EXIT_INTERRUPTED = 130
+"""Exit code after Ctrl-C or SIGTERM (a checkpoint was written first)."""
+EXIT_CRASHED = 1
+"""Exit code when a run died of a bug (a traceback, not a one-line error)."""
 
 
 class ConfigError(Exception):
@@ -32,22 +42,20 @@ def require_all(checks: list[tuple[bool, str]], fix: str = "fix the value in the
             raise ConfigError(problem, fix)
 
 
-def require_positive_ints(values: dict[str, object], prefix: str = "") -> None:
-    """Raise a :class:`ConfigError` naming the first value that is not an integer >= 1.
-
-    Args:
-        values: Option values by name; ``None`` counts as unset and passes (optional caps such
-            as ``max_episode_env_steps``).
-        prefix: Recipe section the names live in (``"env."``), for the fix.
-    """
-    for name, value in values.items():
-        if value is None:
-            continue
-        if not isinstance(value, int | float) or int(value) != value or value < 1:
-            raise ConfigError(
-                f"{name}={value} is not a positive integer", f"set {prefix}{name} >= 1"
-            )
-
-
 class TrainingDivergedError(ConfigError):
     """A loss or metric became NaN/inf; the last good checkpoint is left untouched."""
+
+
+class RunsFailed(ConfigError):
+    """Some runs of a sweep did not finish; the others did, and their results are kept.
+
+    Args:
+        problem: Which runs did not finish.
+        fix: How to continue.
+        crashed: Whether any of them died of a bug rather than a user error (exit code 1
+            instead of 2).
+    """
+
+    def __init__(self, problem: str, fix: str = "", crashed: bool = False) -> None:
+        super().__init__(problem, fix)
+        self.crashed = crashed

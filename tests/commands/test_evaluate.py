@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from tests.helpers import TINY
 
 from covr_lightning.cli import main
 from covr_lightning.commands.evaluate import (
@@ -19,7 +20,6 @@ from covr_lightning.commands.evaluate import (
     evaluate_checkpoint,
 )
 from covr_lightning.loop.checkpoint import STATE_FILE, latest_checkpoint
-from tests.helpers import TINY
 
 RUN = Path("runs") / "covr-quickstart" / "quickstart"
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests.commands.test_evaluate import enter, train_tiny_run
 
-from covr_lightning.cli import main
 from covr_lightning.build import build_env, build_trained_policy, load_saved_run
+from covr_lightning.cli import main
 from covr_lightning.commands.export import trace_policy
 from covr_lightning.policies.rad import RADModule
-from tests.commands.test_evaluate import enter, train_tiny_run
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import mlflow
 import torch
 from tests.helpers import TINY
 
+from covr_lightning.build import build_loop
 from covr_lightning.config import load_recipe
 from covr_lightning.loop.checkpoint import latest_checkpoint
-from covr_lightning.build import build_loop
 from covr_lightning.loop.rl_loop import RLLoop
 from covr_lightning.tracking.progress import TrainingProgress
 

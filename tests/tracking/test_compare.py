@@ -9,13 +9,12 @@ import pytest
 from tests.helpers import TINY
 
 from covr_lightning.cli import main
-from covr_lightning.tracking.compare import (
-    RunCurve,
-    bootstrap_ci,
-    group_value,
-    iqm,
-    paper_number,
-)
+from covr_lightning.policies.rad import RADModule
+from covr_lightning.policies.sac import SACPolicyModule
+from covr_lightning.tracking.compare import group_value
+from covr_lightning.tracking.curves import RunCurve
+from covr_lightning.tracking.reference import base_algorithm, paper_number
+from covr_lightning.tracking.stats import bootstrap_ci, iqm
 
 
 def test_iqm_is_the_mean_of_the_middle_half():
@@ -130,3 +129,29 @@ def test_carla_runs_get_the_scenario_numbers():
         "235 reward / 237 distance"
     )
     assert paper_number({"env.scenario": "ghost_pedestrian", "covr.enabled": "False"}) == ""
+
+
+class GradientPenaltySAC(SACPolicyModule):
+    """A user's SAC variant whose name contains neither "sac" alone nor the word RAD in a module."""
+
+
+class MyAugmentedAgent(RADModule):
+    """A user's RAD variant named without "rad"."""
+
+
+def test_base_algorithm_comes_from_the_class_hierarchy():
+    here = __name__
+    assert base_algorithm(f"{here}.GradientPenaltySAC") == "SAC"
+    assert base_algorithm(f"{here}.MyAugmentedAgent") == "RAD"
+    assert base_algorithm("covr_lightning.policies.deepmdp.DeepMDPModule") == "DeepMDP"
+    assert base_algorithm("covr_lightning.policies.sac.SACPolicyModule") == "SAC"
+    assert base_algorithm("gone.module.RADThing") is None  # no longer importable: no crash
+    assert base_algorithm("collections.OrderedDict") is None  # not a policy
+
+
+def test_every_paper_number_names_its_table():
+    from covr_lightning.tracking.reference import paper_numbers
+
+    numbers = paper_numbers()
+    assert len(numbers["dmc"]) == 15 and len(numbers["carla"]) == 3
+    assert all(entry["table"] for entry in [*numbers["dmc"], *numbers["carla"]])

@@ -12,6 +12,7 @@ import argparse
 
 from jsonargparse import Namespace
 from rich.console import Console
+from rich.table import Table
 
 from covr_lightning.build import build_loop, run_directory
 from covr_lightning.config import dump_config, load_recipe
@@ -19,11 +20,16 @@ from covr_lightning.errors import ConfigError
 from covr_lightning.loop.plan import plan_table, schedule_of
 
 
-def print_dry_run(cfg: Namespace) -> None:
-    """The resolved config (YAML, on stdout), then the plan and the round table."""
+def print_dry_run(cfg: Namespace, plan: Table | None = None) -> None:
+    """The resolved config (YAML, on stdout), then the plan and the round table.
+
+    Args:
+        cfg: The resolved recipe.
+        plan: The plan table to show (a sweep adds its rows); default: the run's plan.
+    """
     print(dump_config(cfg), end="")
     console = Console()
-    console.print(plan_table(cfg, run_directory(cfg)))
+    console.print(plan if plan is not None else plan_table(cfg, run_directory(cfg)))
     if (rounds := schedule_of(cfg)) is not None:
         console.print(rounds)
 

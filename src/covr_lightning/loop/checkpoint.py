@@ -157,7 +157,9 @@ def require_policy_class(state: dict[str, Any], policy: object, checkpoint: Path
     """
     saved, built = state.get("policy_class"), class_path(policy)
     if saved != built:
-        raise ConfigError(f"checkpoint {checkpoint} holds a {saved}, the recipe builds {built}", fix)
+        raise ConfigError(
+            f"checkpoint {checkpoint} holds a {saved}, the recipe builds {built}", fix
+        )
 
 
 def _write_atomic(path: Path, text: str) -> None:

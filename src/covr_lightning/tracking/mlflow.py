@@ -15,7 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from covr_lightning.errors import ConfigError
+from covr_lightning.tracking.curves import RunCurve
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
@@ -236,3 +239,120 @@ def log_evaluation(
     if not created:
         say(f"MLflow: logged {', '.join(metrics)} to run {target} ({uri})")
     return target
+
+
+# --------------------------------------------------------------------------- reading runs back
+
+SWEEP_TAG = "covr.sweep"
+"""Tag of a seed sweep's parent run (``fit --seeds``): it holds aggregates, not a seed's curve."""
+
+
+def is_sweep_parent(tags: dict[str, str]) -> bool:
+    """Whether a run is the parent of a seed sweep (never compared as a run of its own)."""
+    return str(tags.get(SWEEP_TAG)).strip().lower() in ("true", "1", "yes")
+
+
+def read_curve(client, run, metric: str) -> RunCurve | None:
+    """One run's history of ``metric`` from MLflow; ``None`` when it never logged it."""
+    if metric not in run.data.metrics:
+        return None
+    by_step: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run.info.run_id, metric):
+        # A resumed run may log a step twice: the later value wins.
+        if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
+            by_step[m.step] = (m.timestamp, m.value)
+    steps = np.array(sorted(by_step), dtype=float)
+    values = np.array([by_step[int(s)][1] for s in steps], dtype=float)
+    return RunCurve(run.info.run_id, run.info.run_name or "", dict(run.data.params), steps, values)
+
+
+def search_all_runs(client, experiment_id: str, filter_string: str = "") -> list:
+    """Every run of an experiment matching ``filter_string`` (MLflow pages by 1000)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string, max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def load_runs(
+    experiment: str, metric: str, include_unfinished: bool = False, uri: str = ""
+) -> list[RunCurve]:
+    """Read the metric history of every (finished) run of ``experiment``.
+
+    Parents of seed sweeps (tag ``covr.sweep``) are left out: they hold the sweep's aggregates,
+    and their children (``<name>-seedS``) are the runs.
+
+    Raises:
+        ConfigError: Unknown experiment, no finished runs, or the metric was never logged.
+    """
+    uri = resolve_tracking_uri(uri)
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+        raise ConfigError(
+            f"no MLflow experiment {experiment!r} in {uri} (experiments: "
+            f"{', '.join(known) or 'none'})",
+            "pass --experiment with one of those names (tracking.experiment of the recipe), "
+            "or point MLFLOW_TRACKING_URI at the store the runs were logged to",
+        )
+    runs = [
+        r for r in search_all_runs(client, found.experiment_id) if not is_sweep_parent(r.data.tags)
+    ]
+    statuses = [r.info.status for r in runs]
+    if not include_unfinished:
+        runs = [r for r in runs if r.info.status == "FINISHED"]
+    if not runs:
+        raise ConfigError(
+            f"experiment {experiment!r} has no finished runs ({len(statuses)} runs: "
+            f"{', '.join(sorted(set(statuses))) or 'none'})",
+            "let a fit finish, or pass --include-unfinished",
+        )
+    curves, seen_metrics = [], set()
+    for run in runs:
+        seen_metrics.update(run.data.metrics)
+        if (curve := read_curve(client, run, metric)) is not None:
+            curves.append(curve)
+    if not curves:
+        raise ConfigError(
+            f"metric {metric!r} was never logged by the runs of {experiment!r} (logged: "
+            f"{', '.join(sorted(seen_metrics)[:12]) or 'nothing'})",
+            "pass --metric with a logged key (see docs/metrics.md), e.g. --metric eval/return",
+        )
+    return curves
+
+
+def finished_child_curves(
+    uri: str, experiment: str, parent_run_id: str, names: list[str], metric: str
+) -> list[RunCurve]:
+    """The latest finished child run of ``parent_run_id`` per run name in ``names``, as curves."""
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    children = search_all_runs(
+        client,
+        found.experiment_id,
+        f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' and attributes.status = 'FINISHED'",
+    )
+    latest: dict[str, Any] = {}
+    for child in children:
+        name = child.info.run_name
+        if name not in latest or child.info.start_time > latest[name].info.start_time:
+            latest[name] = child
+    curves = [read_curve(client, latest[n], metric) for n in names if n in latest]
+    return [c for c in curves if c is not None]
+
+
+def _client(uri: str):
+    """An MLflow client of ``uri``, with the store's schema-migration logging quieted."""
+    import mlflow
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return mlflow.MlflowClient(tracking_uri=uri)

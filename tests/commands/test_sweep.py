@@ -10,9 +10,10 @@ import pytest
 from tests.helpers import TINY
 
 from covr_lightning.cli import main
+from covr_lightning.commands.sweep import aggregate_metrics, parse_seeds
 from covr_lightning.errors import ConfigError
-from covr_lightning.tracking.compare import RunCurve, iqm
-from covr_lightning.tracking.sweep import aggregate_metrics, parse_seeds
+from covr_lightning.tracking.curves import RunCurve
+from covr_lightning.tracking.stats import iqm
 
 SWEEP = ["fit", "--recipe", "quickstart", *TINY, "run.total_env_steps=200", "covr.enabled=false"]
 """A tiny plain-SAC fit: 200 env steps, evaluated at env steps 8 and 200."""

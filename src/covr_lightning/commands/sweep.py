@@ -1,5 +1,8 @@
 """``covr-lightning fit --seeds 1,2,3``: one recipe, several seeds, one MLflow parent run.
 
+Every seed is an ordinary fit: :func:`covr_lightning.commands.fit.fit` in this process, or the
+``fit`` command in a subprocess.
+
 Each seed S is an ordinary fit with ``run.seed=S`` and ``run.name=<name>-seedS`` (run directory
 ``<run.dir>/<experiment>/<name>-seedS/``), logged as an MLflow child run (tag
 ``mlflow.parentRunId``) of one parent run named ``<name>`` (tag ``covr.sweep=true``; params: the
@@ -16,13 +19,14 @@ recipe's config with ``run.seed`` set to the seed list).
 A seed that fails does not stop the others. When all have ended, the parent logs the aggregate of
 ``eval/return`` over the finished seeds (see :func:`aggregate_metrics`) and the compare table
 and plot as artifacts, then ends FINISHED, or FAILED naming the failed seeds (tag
-``covr.failed_seeds``). ``<run.dir>/<experiment>/<name>/sweep.json`` records the sweep (parent
+``covr.failed_seeds``; the command then raises :class:`~covr_lightning.errors.RunsFailed`). ``<run.dir>/<experiment>/<name>/sweep.json`` records the sweep (parent
 run id, each seed's status), so ``--resume last`` continues the same parent: finished seeds are
 kept, the others resume from their last checkpoint (or start, if they have none).
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -39,22 +43,23 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
+from rich.console import Console
 
-from covr_lightning.errors import ConfigError
-from covr_lightning.tracking.compare import (
-    COMPARISON_FILES,
-    DEFAULT_METRIC,
+from covr_lightning.build import run_directory
+from covr_lightning.commands.fit import fit, print_dry_run
+from covr_lightning.config import config_to_dict, load_recipe
+from covr_lightning.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, ConfigError, RunsFailed
+from covr_lightning.loop.checkpoint import latest_checkpoint
+from covr_lightning.loop.plan import plan_table
+from covr_lightning.tracking.compare import DEFAULT_METRIC, write_comparison
+from covr_lightning.tracking.curves import RunCurve, step_grid, values_at
+from covr_lightning.tracking.mlflow import (
     SWEEP_TAG,
-    RunCurve,
-    print_table,
-    read_curve,
-    search_all_runs,
-    step_grid,
-    summarize,
-    values_at,
-    write_comparison,
+    MLflowTracker,
+    finished_child_curves,
 )
-from covr_lightning.tracking.mlflow import PARENT_RUN_TAG, MLflowTracker
+from covr_lightning.tracking.report import COMPARISON_FILES, print_table
+from covr_lightning.tracking.stats import summarize
 
 SWEEP_FILE = "sweep.json"
 FAILED_SEEDS_TAG = "covr.failed_seeds"
@@ -63,8 +68,6 @@ STEP_STATS = ("n", "mean", "std", "median", "iqm")
 """Statistics across seeds the parent logs at each env step (see :func:`aggregate_metrics`)."""
 FINAL_STATS = (*STEP_STATS, "iqm_ci_low", "iqm_ci_high")
 """... and at the final budget, with the IQM's bootstrap CI (``sweep/final/<metric>_<stat>``)."""
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
 
 _SEED_PART = re.compile(r"(\d+)(?:\s*-\s*(\d+))?")
 
@@ -147,9 +150,6 @@ class Sweep:
         resume: str | None = None,
         debug: bool = False,
     ) -> None:
-        from covr_lightning.config import load_recipe
-        from covr_lightning.loop.rl_loop import run_directory
-
         if parallel < 1:
             raise ConfigError(
                 f"--parallel {parallel} is not a number of seeds at a time",
@@ -195,8 +195,6 @@ class Sweep:
 
     def plan(self):
         """The training plan of one seed plus the sweep's rows (a rich Table)."""
-        from covr_lightning.loop.plan import plan_table
-
         table = plan_table(self.cfg, self.sweep_dir.parent / f"{self.name}-seed<S>")
         how = "one after another" if self.parallel == 1 else f"{self.parallel} at a time"
         table.add_row("seeds", f"{', '.join(map(str, self.seeds))} ({how})")
@@ -210,8 +208,6 @@ class Sweep:
             ConfigError: A fresh sweep would overwrite a sweep or a seed's run, a resumed one has
                 no record or other seeds, or the directory is not writable.
         """
-        from covr_lightning.loop.checkpoint import latest_checkpoint
-
         try:
             self.sweep_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -270,8 +266,6 @@ class Sweep:
         os.replace(tmp, self.sweep_file)
 
     def _open_parent(self) -> None:
-        from covr_lightning.config import config_to_dict
-
         config = config_to_dict(self.cfg)
         config["run"]["seed"] = ",".join(map(str, self.seeds))
         self.parent_run_id = self.tracker.start(
@@ -288,19 +282,14 @@ class Sweep:
 
     # ------------------------------------------------------------------ running the seeds
 
-    def run(self) -> int:
-        """Run every seed not finished yet, aggregate, close the parent; the exit code.
-
-        Returns:
-            0 when every seed finished; 2 when every failed seed failed with a user error (a
-            ``ConfigError``, exit 2 of its fit); 1 otherwise.
+    def run(self) -> None:
+        """Run every seed not finished yet, aggregate, close the parent.
 
         Raises:
             ConfigError: Before any seed runs (see :meth:`_prepare`), or the store cannot be opened.
+            RunsFailed: Some seeds did not finish (the others ran, and the parent aggregates them).
             KeyboardInterrupt: Ctrl-C or SIGTERM; running seeds checkpoint, the parent is KILLED.
         """
-        from rich.console import Console
-
         self._prepare()
         Console(stderr=True).print(self.plan())
         self._open_parent()
@@ -327,10 +316,16 @@ class Sweep:
             self._save(status)
             self.tracker.log_artifact(self.sweep_file)
             self.tracker.finish(status)
-        self._report(rows, failed)
-        if not failed:
-            return 0
-        return EXIT_USER_ERROR if all(r.exit_code == EXIT_USER_ERROR for r in failed) else 1
+        self._report(rows)
+        if failed:
+            seeds = ",".join(str(r.seed) for r in failed)
+            logs = "" if self.parallel == 1 else " (see each seed's fit.log)"
+            raise RunsFailed(
+                f"seed{'s' if len(failed) > 1 else ''} {seeds} of sweep {self.name} did not "
+                f"finish{logs}",
+                "see the errors above, then continue with the same command plus --resume last",
+                crashed=any(r.exit_code != EXIT_USER_ERROR for r in failed),
+            )
 
     def _log(self, message: str) -> None:
         with self._print_lock:
@@ -346,31 +341,25 @@ class Sweep:
         )
 
     def _run_in_process(self, run: SeedRun, index: int, count: int) -> None:
-        from rich.console import Console
-
-        from covr_lightning.config import load_recipe
-        from covr_lightning.loop.covr_loop import COVRLoop
-
         action = "resuming" if run.resume else "starting"
         Console(stderr=True).rule(f"seed {run.seed} ({index + 1}/{count}): {action} {run.run_dir}")
         started, code = time.perf_counter(), 0
         run.status = "RUNNING"
         self._save("RUNNING")
         try:
-            loop = COVRLoop(
+            fit(
                 load_recipe(self.recipe, self.child_overrides(run)),
                 resume="last" if run.resume else None,
+                parent_run_id=self.parent_run_id,
+                show_plan=False,
             )
-            loop.tracker.parent_run_id = self.parent_run_id
-            loop.fit()
-            del loop
         except KeyboardInterrupt:
             self._ended(run, EXIT_INTERRUPTED, started)
             raise
         except ConfigError as err:
             if self.debug:
                 traceback.print_exc()
-            self._log(f"covr-lightning: error: seed {run.seed}: {err.line()}")
+            self._log(f"seed {run.seed} stopped: {err.line()}")
             code = EXIT_USER_ERROR
         except Exception:  # a crash of one seed must not stop the others: show it, go on
             traceback.print_exc()
@@ -390,15 +379,13 @@ class Sweep:
         return command
 
     def _child_env(self) -> dict[str, str]:
-        import covr_lightning
-
         env = dict(os.environ)
         threads = str(max(1, _cpu_count() // self.parallel))
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(name, threads)
         env["PYTHONUNBUFFERED"] = "1"  # lines reach fit.log and the console as they happen
         # The children import the same covr_lightning as this process, whatever is installed.
-        package_root = str(Path(covr_lightning.__file__).resolve().parents[1])
+        package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         return env
 
@@ -460,23 +447,10 @@ class Sweep:
 
     def _children(self) -> list[RunCurve]:
         """The latest finished MLflow child run of each finished seed, as ``eval/return`` curves."""
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri=self.tracker.uri)
-        experiment = client.get_experiment_by_name(self.tracker.experiment)
-        children = search_all_runs(
-            client,
-            experiment.experiment_id,
-            f"tags.`{PARENT_RUN_TAG}` = '{self.parent_run_id}' and attributes.status = 'FINISHED'",
-        )
-        latest: dict[str, Any] = {}
-        for child in children:
-            name = child.info.run_name
-            if name not in latest or child.info.start_time > latest[name].info.start_time:
-                latest[name] = child
         finished = [r.run_name for r in self.runs if r.status == "FINISHED"]
-        curves = [read_curve(client, latest[n], DEFAULT_METRIC) for n in finished if n in latest]
-        return [c for c in curves if c is not None]
+        return finished_child_curves(
+            self.tracker.uri, self.tracker.experiment, self.parent_run_id, finished, DEFAULT_METRIC
+        )
 
     def _aggregate(self) -> list[dict[str, Any]] | None:
         """Log the across-seed statistics and the comparison on the parent; the table's rows."""
@@ -516,7 +490,7 @@ class Sweep:
             }
         )
 
-    def _report(self, rows: list[dict[str, Any]] | None, failed: list[SeedRun]) -> None:
+    def _report(self, rows: list[dict[str, Any]] | None) -> None:
         for run in self.runs:
             self._log(
                 f"seed {run.seed:>4}  {run.status:<8}  {_duration(run.seconds):>8}  {run.run_dir}"
@@ -526,14 +500,6 @@ class Sweep:
             self._log(
                 f"parent MLflow run {self.parent_run_id} ({self.tracker.uri}); comparison in "
                 f"{self.sweep_dir / 'comparison'}"
-            )
-        if failed:
-            seeds = ",".join(str(r.seed) for r in failed)
-            logs = "" if self.parallel == 1 else " (see each seed's fit.log)"
-            self._log(
-                f"covr-lightning: error: seed{'s' if len(failed) > 1 else ''} {seeds} of sweep "
-                f"{self.name} did not finish{logs}. Fix: see the errors above, then continue "
-                f"with the same command plus --resume last."
             )
 
 
@@ -549,13 +515,8 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def run_sweep(args) -> int:
-    """``fit --seeds``: dry run (config and plan) or the sweep; returns the exit code."""
-    from rich.console import Console
-
-    from covr_lightning.config import dump_config
-    from covr_lightning.loop.plan import schedule_of
-
+def run(args: argparse.Namespace) -> int:
+    """``fit --seeds``: the dry run (config and the sweep's plan) or the sweep."""
     sweep = Sweep(
         args.recipe,
         args.overrides,
@@ -565,9 +526,7 @@ def run_sweep(args) -> int:
         args.debug,
     )
     if args.dry_run:
-        print(dump_config(sweep.cfg), end="")
-        Console().print(sweep.plan())
-        if (rounds := schedule_of(sweep.cfg)) is not None:
-            Console().print(rounds)
+        print_dry_run(sweep.cfg, plan=sweep.plan())
         return 0
-    return sweep.run()
+    sweep.run()
+    return 0
