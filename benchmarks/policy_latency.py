@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from covr_lightning.config import instantiate, load_recipe
-from covr_lightning.evaluate import build_env, build_policy, load_checkpoint
-from covr_lightning.export import export_policy, trace_policy
+from covr_lightning.build import build_env, build_policy, build_trained_policy, load_saved_run
+from covr_lightning.commands.export import export_policy, trace_policy
+from covr_lightning.config import load_recipe
 
 PAPER_MS, PAPER_MB = 1.2, 10.0
 
@@ -47,19 +47,15 @@ def timed(fn, iters: int, warmup: int = 20, sync: bool = False) -> float:
 def build(args, workdir: Path):
     """(policy, one real observation, exported file, label)."""
     if args.checkpoint:
-        loaded = load_checkpoint(args.checkpoint)
-        env = build_env(loaded.cfg, seed=0)
-        policy = build_policy(loaded, env)
+        saved = load_saved_run(args.checkpoint)
+        env = build_env(saved.cfg, seed=0)
+        policy = build_trained_policy(saved, env)
         out, _ = export_policy(args.checkpoint, workdir / "policy.pt")
-        label = f"checkpoint {loaded.checkpoint}"
+        label = f"checkpoint {saved.checkpoint}"
     else:
         cfg = load_recipe(args.recipe, args.overrides)
         env = build_env(cfg, seed=0)
-        policy = instantiate(
-            cfg.policy,
-            obs_shape=tuple(env.observation_space.shape),
-            action_dim=int(env.action_space.shape[0]),
-        ).eval()
+        policy = build_policy(cfg, env).eval()
         first, _ = env.reset(seed=0)
         example = torch.as_tensor(first).unsqueeze(0).repeat(2, *[1] * first.ndim)
         out = workdir / "policy.pt"

@@ -21,12 +21,13 @@ import time
 import numpy as np
 import torch
 
-from covr_lightning.config import instantiate, load_recipe
+from covr_lightning.build import build_env, build_policy
+from covr_lightning.config import load_recipe
 
 
 def render_speed(cfg, steps: int) -> tuple[float, float]:
     """(frames/s of the recipe's env, frames/s of dm_control's default render at that size)."""
-    env = instantiate(cfg.env, seed=0)
+    env = build_env(cfg, seed=0)
     env.reset()
     rng = np.random.default_rng(0)
     start = time.perf_counter()
@@ -54,12 +55,8 @@ def update_speed(cfg, device: str, updates: int) -> float:
     """SAC updates per second at the recipe's batch size on ``device``."""
     from lightning import Fabric
 
-    env = instantiate(cfg.env, seed=0)
-    policy = instantiate(
-        cfg.policy,
-        obs_shape=tuple(env.observation_space.shape),
-        action_dim=int(env.action_space.shape[0]),
-    )
+    env = build_env(cfg, seed=0)
+    policy = build_policy(cfg, env)
     fabric = Fabric(accelerator=device, devices=1, precision=cfg.run.precision)
     policy, *_ = fabric.setup(policy, *policy.configure_optimizers())
     batch_size = cfg.replay.init_args.batch_size
@@ -90,7 +87,7 @@ def update_speed(cfg, device: str, updates: int) -> float:
 
 def training_speed(recipe: str, overrides: list[str], device: str, env_steps: int) -> float:
     """Env steps/s of the real loop after warm-up (one update per agent step)."""
-    from covr_lightning.loop.rl_loop import RLLoop
+    from covr_lightning.build import build_loop
     from covr_lightning.tracking.progress import TrainingProgress
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,9 +100,10 @@ def training_speed(recipe: str, overrides: list[str], device: str, env_steps: in
                 "tracking.enabled=false",
                 "run.eval_every_env_steps=100000000",
                 "run.checkpoint_every_env_steps=100000000",
+                "covr.enabled=false",
             ],
         )
-        loop = RLLoop(cfg)
+        loop = build_loop(cfg)
         warmup = cfg.run.seed_env_steps
         with TrainingProgress(warmup + env_steps) as loop.progress:
             loop.next_eval_at = 10**12  # measure training only

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from covr_lightning.config import dump_config, find_recipe, instantiate, load_recipe
+from covr_lightning.build import instantiate
+from covr_lightning.cli import main
+from covr_lightning.config import config_to_dict, dump_config, find_recipe, load_recipe
 from covr_lightning.errors import ConfigError
 
 
@@ -36,12 +38,20 @@ def test_dump_is_reloadable(tmp_path):
     ("overrides", "expected"),
     [
         (["policy.actor_lr=fast"], r"'policy.actor_lr' expects float, got 'fast'"),
-        (["run.total_env_steps=many"], r"'run.total_env_steps' expects int"),
+        (["run.total_env_steps=many"], r"'run.total_env_steps' expects an integer > 0"),
+        (["run.total_env_steps=0"], r"'run.total_env_steps' is 0, but it must be an integer > 0"),
+        (["covr.prior_weight=-1"], r"'covr.prior_weight' is -1, but it must be a number >= 0"),
+        (["covr.vlm_image_size=20"], r"'covr.vlm_image_size' is 20.*integer >= 28"),
+        (["env.image_size=0"], r"'env.image_size' is 0, but it must be an integer > 0"),
+        (["run.accelerator=tpu"], r"'run.accelerator' expects"),
+        (["policy.actor_lr=.nan"], r"'policy.actor_lr' is nan, not a finite number"),
+        (["covr.prior_weight=inf"], r"'covr.prior_weight' is inf, not a finite number"),
+        (["policy.actor_lr=[1, 2]"], r"'policy.actor_lr'"),
         (["policy.actor_lrr=1"], r"unknown recipe key 'policy.actor_lrr'.*'policy.actor_lr'"),
         (["run.seedd=2"], r"unknown recipe key 'run.seedd'.*did you mean 'run.seed'"),
         (["polcy.actor_lr=1"], r"unknown recipe section 'polcy'.*did you mean 'policy'"),
         (["policy.class_path=nopkg.Policy"], r"cannot use class_path 'nopkg.Policy'"),
-        (["env.class_path=collections.OrderedDict"], r"not a subclass of Env"),
+        (["env.class_path=collections.OrderedDict"], r"not a subclass of PixelEnv"),
         (["run.seed"], r"not of the form dotted.key=value"),
     ],
 )
@@ -75,3 +85,72 @@ def test_user_subclass_from_outside_the_package(tmp_path, monkeypatch):
     policy = instantiate(cfg.policy, obs_shape=(9, 64, 64), action_dim=1)
     assert type(policy).__name__ == "WiderSAC"
     assert policy.width_note == "custom"
+
+
+QUICKSTART_HEAD = "base: quickstart\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "not a text file"),
+        (b"", "is empty"),
+        (b"# only a comment\n", "is empty"),
+        (b"- run\n- env\n", "is a YAML list, not a mapping"),
+        (b"42\n", "is a YAML int, not a mapping"),
+        (b"run:\n  seed: 1\nrun:\n  seed: 2\n", "duplicate key 'run'"),
+        (b"run:\n  seed: 1\n  seed: 2\n", "duplicate key 'seed'"),
+        (b"policy: 3\n", "section 'policy' .* is a int, not a mapping"),
+        (b"run:\n  1: 2\n", "recipe key run.1 .* is not text"),
+        (b"run:\n  seed: [1\n", "not valid YAML"),
+        (b"base: nope_not_a_recipe\n", "base recipe 'nope_not_a_recipe' .* not found"),
+        (b"base: 3\n", "is not a recipe name"),
+        (b"envv: {}\n", "unknown recipe section 'envv'"),
+        (QUICKSTART_HEAD.encode() + b"run:\n  seed: one\n", "'run.seed' expects"),
+    ],
+)
+def test_a_file_that_is_not_a_recipe_is_one_line_through_the_cli(
+    content, expected, tmp_path, capsys
+):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=expected):
+        load_recipe(str(path))
+    assert main(["fit", "--recipe", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("covr-lightning: error: ") and err.count("\n") == 1, err
+    assert "Fix:" in err and "Traceback" not in err
+
+
+def test_a_directory_is_not_a_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="no recipe"):
+        load_recipe(str(tmp_path))
+
+
+def test_circular_bases_are_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle \(a.yaml -> b.yaml -> a.yaml\)"):
+        load_recipe(str(tmp_path / "a.yaml"))
+
+
+def test_a_delta_changes_only_what_it_states(tmp_path):
+    path = tmp_path / "delta.yaml"
+    path.write_text(QUICKSTART_HEAD + "sft:\n  init_args:\n    ralw_mode: none\nrun:\n  seed: 9\n")
+    base, delta = config_to_dict(load_recipe("quickstart")), config_to_dict(load_recipe(str(path)))
+    assert delta["sft"]["init_args"]["ralw_mode"] == "none" and delta["run"]["seed"] == 9
+    delta["sft"]["init_args"]["ralw_mode"] = base["sft"]["init_args"]["ralw_mode"]
+    delta["run"]["seed"] = base["run"]["seed"]
+    assert delta == base
+
+
+def test_another_class_path_replaces_the_component_whole(tmp_path):
+    path = tmp_path / "rad.yaml"
+    path.write_text(
+        QUICKSTART_HEAD + "policy:\n  class_path: covr_lightning.policies.rad.RADModule\n"
+    )
+    policy = config_to_dict(load_recipe(str(path)))["policy"]
+    assert policy["class_path"].endswith("RADModule")
+    # RAD's own defaults, not the quickstart's SAC settings (e.g. its 2-layer encoder).
+    quick = config_to_dict(load_recipe("quickstart"))["policy"]["init_args"]
+    assert policy["init_args"]["num_conv_layers"] != quick["num_conv_layers"]

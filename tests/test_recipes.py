@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from covr_lightning.build import build_loop
 from covr_lightning.config import load_recipe, packaged_recipes_dir
-from covr_lightning.loop.covr_loop import COVRLoop
 
 RECIPES = sorted(
     p.relative_to(packaged_recipes_dir()).as_posix() for p in packaged_recipes_dir().rglob("*.yaml")
@@ -49,7 +49,7 @@ def test_recipe_smoke_run_reaches_an_update(name, workdir):
             "covr.vlm_image_size=56",
         ],
     )
-    loop = COVRLoop(cfg)
+    loop = build_loop(cfg)
     loop.fit()
     assert loop.updates >= 3
     assert loop.module.update_step == loop.updates

@@ -1,12 +1,16 @@
-"""Recipes: find them, parse them with overrides, validate them, and build their components.
+"""Recipes: find them, read and compose them, apply overrides, validate every value.
 
-A recipe is a YAML file with the top-level sections of :data:`SECTIONS`. ``run`` and ``tracking``
-are small dataclasses; ``env``, ``policy`` and ``replay`` are components written in jsonargparse's
-``class_path`` / ``init_args`` form, so a user's own subclass in their own module is picked by its
-dotted path and its extra ``__init__`` arguments are validated like the package's own.
+A recipe is a YAML mapping with the top-level sections of :data:`SECTIONS`, optionally naming a
+``base`` recipe it changes (see :func:`read_recipe`). ``run``, ``covr`` and ``tracking`` are small
+dataclasses; ``env``, ``policy``, ``replay``, ``vlm`` and ``sft`` are components written in
+jsonargparse's ``class_path`` / ``init_args`` form, so a user's own subclass in their own module is
+picked by its dotted path and its extra ``__init__`` arguments are validated like the package's
+own. Values are validated by the typed signatures (``jsonargparse.typing``'s bounded types,
+``Literal`` choices), and any file or value that is not a valid recipe ends in one
+:class:`~covr_lightning.errors.ConfigError` line before anything is built.
 
-Arguments that come from the environment at build time (``obs_shape``, ``action_dim``, ``seed``)
-are not recipe keys: :func:`instantiate` passes them at the call site.
+This module builds nothing: :mod:`covr_lightning.build` turns a resolved recipe into objects and
+passes the arguments that come from the run (``obs_shape``, ``action_dim``, ``seed``, ...).
 """
 
 from __future__ import annotations
@@ -14,20 +18,33 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
 import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import gymnasium
 import yaml
 from jsonargparse import ArgumentParser, Namespace
+from jsonargparse.typing import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    restricted_number_type,
+)
 
+from covr_lightning.envs.base import PixelEnv
 from covr_lightning.errors import ConfigError
 
 SECTIONS = ("run", "env", "policy", "replay", "covr", "vlm", "sft", "tracking")
 """Top-level recipe sections."""
+BASE_KEY = "base"
+"""Top-level key naming the recipe a recipe changes (a packaged name or a path relative to it)."""
+_COMPONENTS = ("env", "policy", "replay", "vlm", "sft")
+
+VLMImageSize = restricted_number_type("VLMImageSize", int, (">=", 28))
+"""Side of the VLM's render: at least 28 px (one 14-px patch pair of Qwen-VL's merger)."""
 
 # Arguments the builder passes at the call site; never recipe keys.
 _CALL_SITE_ARGS = {
@@ -62,17 +79,19 @@ class RunConfig:
 
     name: str = "covr"
     dir: str = "runs"
-    seed: int = 1
-    total_env_steps: int = 100_000
-    seed_env_steps: int = 4_000
-    eval_every_env_steps: int = 10_000
-    eval_episodes: int = 10
-    checkpoint_every_env_steps: int = 10_000
-    keep_checkpoints: int = 2
-    log_every_env_steps: int = 1_000
-    accelerator: str = "auto"
-    precision: str = "32-true"
-    num_envs: int = 1
+    seed: NonNegativeInt = 1
+    total_env_steps: PositiveInt = 100_000
+    seed_env_steps: NonNegativeInt = 4_000
+    eval_every_env_steps: PositiveInt = 10_000
+    eval_episodes: PositiveInt = 10
+    checkpoint_every_env_steps: PositiveInt = 10_000
+    keep_checkpoints: PositiveInt = 2
+    log_every_env_steps: PositiveInt = 1_000
+    accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto"
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"] = (
+        "32-true"
+    )
+    num_envs: PositiveInt = 1
 
 
 @dataclass
@@ -103,20 +122,20 @@ class COVRConfig:
     """
 
     enabled: bool = True
-    psi_0: int = 5_000
+    psi_0: PositiveInt = 5_000
     growth: Literal["factorial", "linear"] = "factorial"
-    cold_start_rounds: int = 4
-    guide_every: int = 10
-    sft_every: int = 10
-    prior_weight: float = 1.0
-    vlm_image_size: int = 224
+    cold_start_rounds: NonNegativeInt = 4
+    guide_every: PositiveInt = 10
+    sft_every: PositiveInt = 10
+    prior_weight: NonNegativeFloat = 1.0
+    vlm_image_size: VLMImageSize = 224
     task: str = ""
-    codec: str = ""
-    max_new_tokens: int = 0
-    guide_batch_size: int = 32
-    sft_epochs: int = 1
-    sft_max_steps: int = 0
-    sft_grad_clip: float = 1.0
+    codec: Literal["", "numeric", "carla", "car_racing"] = ""
+    max_new_tokens: NonNegativeInt = 0
+    guide_batch_size: PositiveInt = 32
+    sft_epochs: PositiveInt = 1
+    sft_max_steps: NonNegativeInt = 0
+    sft_grad_clip: NonNegativeFloat = 1.0
     release_vlm_memory: bool = True
 
 
@@ -145,7 +164,7 @@ def build_parser() -> ArgumentParser:
 
     parser = ArgumentParser(exit_on_error=False, default_env=False)
     parser.add_class_arguments(RunConfig, "run")
-    parser.add_subclass_arguments(gymnasium.Env, "env", skip=_CALL_SITE_ARGS["env"], required=True)
+    parser.add_subclass_arguments(PixelEnv, "env", skip=_CALL_SITE_ARGS["env"], required=True)
     parser.add_subclass_arguments(
         SACPolicyModule, "policy", skip=_CALL_SITE_ARGS["policy"], required=True
     )
@@ -163,8 +182,9 @@ def build_parser() -> ArgumentParser:
 
 
 def packaged_recipes_dir() -> Path:
-    """The folder of recipes shipped inside the package (and so inside the wheel)."""
-    return Path(str(resources.files("covr_lightning") / "recipes"))
+    """The packaged recipes: the top-level ``recipes/`` folder, shipped in the wheel as
+    ``covr_lightning.recipes``."""
+    return Path(str(resources.files("covr_lightning.recipes")))
 
 
 def list_recipes() -> list[tuple[str, str]]:
@@ -209,28 +229,21 @@ def find_recipe(name_or_path: str) -> Path:
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Namespace:
-    """Read a recipe, apply ``dotted.key=value`` overrides and validate everything.
+    """Read a recipe (merging its bases), apply ``dotted.key=value`` overrides, validate everything.
 
     Args:
         name_or_path: Packaged recipe name or path to a YAML file.
         overrides: ``section.key=value`` strings; values are read as YAML (``1e-3``, ``true``).
 
     Returns:
-        The fully resolved configuration (defaults filled in).
+        The fully resolved configuration (bases merged, defaults filled in).
 
     Raises:
-        ConfigError: Unknown recipe, malformed YAML, unknown key, wrong type or bad class path.
+        ConfigError: Unknown recipe, a file that is not a recipe, a missing or circular base,
+            an unknown key, a wrong type or value, a bad class path.
     """
     path = find_recipe(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where else ""
-        raise ConfigError(f"recipe {path} is not valid YAML{line}", "fix the YAML syntax") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of sections", f"use {SECTIONS}")
-    _check_sections(raw.keys(), where=str(path))
+    raw = read_recipe(path)
 
     args = []
     for item in overrides or []:
@@ -250,7 +263,156 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Namesp
             cfg = parser.parse_args(args, namespace=cfg)
     except Exception as err:  # jsonargparse raises ArgumentError/TypeError/ValueError variants
         raise summarise_parse_error(str(err), cfg_source=str(path)) from err
+    _check_finite(config_to_dict(cfg), str(path))
     return cfg
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (YAML silently keeps the
+    last one, so a repeated key would hide a value the user wrote)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """One recipe file as a mapping with string keys; one ConfigError line for anything else."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"recipe {path} is not a text file (not UTF-8)", "pass a YAML recipe file"
+        ) from err
+    except OSError as err:
+        raise ConfigError(
+            f"cannot read recipe {path} ({err.strerror or err})", "pass a readable YAML file"
+        ) from err
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where else ""
+        problem = getattr(err, "problem", None) or "syntax error"
+        raise ConfigError(
+            f"recipe {path} is not valid YAML{line}: {problem}", "fix the YAML in that file"
+        ) from err
+    if raw is None:
+        raise ConfigError(f"recipe {path} is empty", f"write the sections {', '.join(SECTIONS)}")
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"recipe {path} is a YAML {type(raw).__name__}, not a mapping of sections",
+            f"write a mapping with the sections {', '.join(SECTIONS)}",
+        )
+    _check_keys_are_text(raw, str(path), prefix="")
+    return raw
+
+
+def _check_keys_are_text(tree: dict, where: str, prefix: str) -> None:
+    for key, value in tree.items():
+        if not isinstance(key, str):
+            raise ConfigError(
+                f"recipe key {prefix}{key!r} in {where} is not text",
+                "write keys as names (quote them if they look like numbers)",
+            )
+        if isinstance(value, dict):
+            _check_keys_are_text(value, where, f"{prefix}{key}.")
+
+
+def read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file with its bases merged in, as one mapping of sections.
+
+    Composition: a recipe may name ``base: NAME_OR_PATH`` (a path relative to the recipe's folder,
+    or a packaged recipe name). Its sections are merged over the base's, mappings key by key and
+    everything else replaced; a component whose ``class_path`` differs from the base's is
+    replaced whole (its ``init_args`` start from the class's defaults, not the base's, since
+    another class takes other arguments). Bases may have bases of their own.
+
+    Raises:
+        ConfigError: A file that is not a recipe, a missing base, or a circular chain of bases.
+    """
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(p.name for p in (*chain, path))
+        raise ConfigError(f"recipe bases form a cycle ({cycle})", "remove one of the base: keys")
+    raw = _read_mapping(path)
+    base_name = raw.pop(BASE_KEY, None)
+    _check_sections(raw.keys(), where=str(path))
+    for section, value in raw.items():
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(
+                f"recipe section '{section}' in {path} is a {type(value).__name__}, not a mapping",
+                f"write {section}: as a mapping of keys (see docs/recipes.md)",
+            )
+    if base_name is None:
+        return raw
+    if not isinstance(base_name, str) or not base_name:
+        raise ConfigError(f"base: {base_name!r} in {path} is not a recipe name", "write base: NAME")
+    relative = path.parent / base_name
+    try:
+        base_path = relative if relative.is_file() else find_recipe(base_name)
+    except ConfigError as err:
+        raise ConfigError(
+            f"base recipe '{base_name}' of {path} not found", err.fix or "fix the base: key"
+        ) from err
+    return merge_recipes(read_recipe(base_path, (*chain, path)), raw)
+
+
+def merge_recipes(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """``delta``'s sections over ``base``'s (the composition rule of :func:`read_recipe`)."""
+    merged = dict(base)
+    for section, value in delta.items():
+        old = merged.get(section)
+        if (
+            section in _COMPONENTS
+            and isinstance(value, dict)
+            and isinstance(old, dict)
+            and "class_path" in value
+            and value["class_path"] != old.get("class_path")
+        ):
+            merged[section] = value
+        elif isinstance(value, dict) and isinstance(old, dict):
+            merged[section] = _deep_merge(old, value)
+        else:
+            merged[section] = value
+    return merged
+
+
+def _deep_merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check_finite(tree: dict[str, Any], where: str, prefix: str = "") -> None:
+    """No setting may be NaN or infinite (a NaN learning rate trains nothing, silently)."""
+    for key, value in tree.items():
+        name = f"{prefix}{key}" if key != "init_args" else prefix.rstrip(".")
+        if isinstance(value, dict):
+            _check_finite(value, where, f"{name}." if name else "")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(
+                f"recipe key '{name}' is {value}, not a finite number",
+                f"give {name} a finite value in {where} or as an override",
+            )
 
 
 def dump_config(cfg: Namespace) -> str:
@@ -274,8 +436,24 @@ def _check_sections(keys, where: str) -> None:
             )
 
 
+_TYPE_WORDS = {
+    "PositiveInt": "an integer > 0",
+    "NonNegativeInt": "an integer >= 0",
+    "PositiveFloat": "a number > 0",
+    "NonNegativeFloat": "a number >= 0",
+    "ClosedUnitInterval": "a number in [0, 1]",
+    "OpenUnitInterval": "a number in (0, 1)",
+    "VLMImageSize": "an integer >= 28",
+}
+"""How the typed signatures' types read in an error line."""
+
+
 def summarise_parse_error(message: str, cfg_source: str = "the recipe") -> ConfigError:
-    """Turn one of jsonargparse's multi-line messages into a one-line :class:`ConfigError`."""
+    """Turn one of jsonargparse's multi-line messages into a one-line :class:`ConfigError`.
+
+    The patterns below read jsonargparse 4.x's wording (pyproject.toml bounds it below 5); any
+    message they do not recognise still ends as one line, with the first line of the message.
+    """
     keys = re.findall(r'Parser key "([^"]+)"', message)
     key = ".".join(keys)
     dry = "`--dry-run` prints every valid key with its value"
@@ -299,6 +477,17 @@ def summarise_parse_error(message: str, cfg_source: str = "the recipe") -> Confi
         return _unknown_key(f"{m[1]}.{m[2]}", dry)
     if m := re.search(r"unrecognized arguments: --([^=\s]+)", message):
         return _unknown_key(m[1], dry)
+    if m := re.search(r"Not of type (\w+): (.*?) does not conform to restriction (.+)", message):
+        return ConfigError(
+            f"recipe key '{key}' is {m[2].strip()}, but it must be {_TYPE_WORDS.get(m[1], m[1])} "
+            f"({m[3].strip()})",
+            f"give {key} such a value in {cfg_source} or as the override {key}=VALUE",
+        )
+    if m := re.search(r"Not of type (\w+): (.*)", message):
+        return ConfigError(
+            f"recipe key '{key}' expects {_TYPE_WORDS.get(m[1], m[1])} ({m[2].strip()})",
+            f"give {key} a value of that type in {cfg_source} or as the override {key}=VALUE",
+        )
     if m := re.search(r"Expected a (.+?)\. Got value: (.*)", message):
         expected = re.sub(r"<class '([\w.]+)'>", r"\1", m[1])
         return ConfigError(
@@ -357,10 +546,3 @@ def import_class(class_path: str) -> type:
             f"cannot import '{class_path}' ({err})",
             "check the dotted path and that its module is importable",
         ) from err
-
-
-def instantiate(component: Namespace, **call_site: Any) -> Any:
-    """Build a ``class_path`` / ``init_args`` component, adding the call-site arguments."""
-    cls = import_class(component.class_path)
-    init_args = component.init_args.as_dict() if component.get("init_args") else {}
-    return cls(**init_args, **call_site)

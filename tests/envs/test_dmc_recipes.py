@@ -13,8 +13,9 @@ from typing import NamedTuple
 
 import pytest
 
+from covr_lightning.build import build_env
 from covr_lightning.cli import main
-from covr_lightning.config import instantiate, load_recipe, packaged_recipes_dir
+from covr_lightning.config import load_recipe, packaged_recipes_dir
 from covr_lightning.envs.dmc import DMCEnv, default_action_repeat
 
 
@@ -100,7 +101,7 @@ def test_paper_recipe_env_has_the_task_action_space_and_repeat(name):
         spec = spec_env.action_spec()
     finally:
         spec_env.close()
-    env = instantiate(load_recipe(name).env, seed=0)
+    env = build_env(load_recipe(name), seed=0)
     try:
         assert isinstance(env, DMCEnv)
         assert env.action_space.shape == spec.shape

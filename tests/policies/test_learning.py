@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from covr_lightning.build import build_loop
 from covr_lightning.config import load_recipe
-from covr_lightning.loop.rl_loop import RLLoop
 from covr_lightning.tracking.progress import TrainingProgress
 
 
@@ -30,9 +30,10 @@ def test_sac_learns_point_mass_from_state(workdir):
             "run.total_env_steps=12000",
             "run.seed_env_steps=1000",
             "tracking.enabled=false",
+            "covr.enabled=false",
         ],
     )
-    loop = RLLoop(cfg)
+    loop = build_loop(cfg)
     random_returns = []
     for _ in range(3):
         loop.eval_env.reset()
@@ -47,5 +48,5 @@ def test_sac_learns_point_mass_from_state(workdir):
     with TrainingProgress(cfg.run.total_env_steps) as loop.progress:
         loop.next_eval_at = 10**12  # evaluate once, at the end
         loop.train_until(cfg.run.total_env_steps)
-    learned = loop.evaluate(5)
+    learned = loop.evaluate(5).returns
     assert np.mean(learned) > np.mean(random_returns) + 300, (learned, random_returns)

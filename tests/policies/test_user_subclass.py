@@ -15,10 +15,10 @@ import pytest
 import torch
 from tests.helpers import TINY
 
+from covr_lightning.build import build_loop
 from covr_lightning.config import load_recipe
 from covr_lightning.errors import ConfigError
-from covr_lightning.loop.checkpoint import latest_checkpoint, load_checkpoint
-from covr_lightning.loop.covr_loop import COVRLoop
+from covr_lightning.loop.checkpoint import latest_checkpoint, read_state
 
 MODULE = "covr_user_policy"
 CLASS_PATH = f"{MODULE}.BrightnessSAC"
@@ -68,16 +68,16 @@ def _cfg(*overrides: str):
 
 def test_user_subclass_fits_and_resumes_through_class_path(user_module, workdir):
     base = ["covr.enabled=false", "policy.max_change=0.3", "run.name=user"]
-    loop = COVRLoop(_cfg(*base, "run.total_env_steps=120"))  # updates from env step 80
+    loop = build_loop(_cfg(*base, "run.total_env_steps=120"))  # updates from env step 80
     assert type(loop.module) is user_module.BrightnessSAC
     assert loop.module.max_change == 0.3  # the subclass's own key, from the recipe
     loop.fit()
     assert loop.updates > 0 and loop.module.update_step == loop.updates
     checkpoint = latest_checkpoint(loop.run_dir)
-    assert load_checkpoint(loop.fabric, checkpoint)["policy_class"] == CLASS_PATH
+    assert read_state(checkpoint, fix="")["policy_class"] == CLASS_PATH
 
     # --resume last with a larger budget: the subclass comes back with its weights and counters.
-    resumed = COVRLoop(_cfg(*base, "run.total_env_steps=200"), resume="last")
+    resumed = build_loop(_cfg(*base, "run.total_env_steps=200"), resume="last")
     assert type(resumed.module) is user_module.BrightnessSAC
     assert resumed.module.update_step == loop.module.update_step
     for a, b in zip(
@@ -96,7 +96,7 @@ def test_unknown_key_of_a_user_subclass_is_a_config_error(user_module):
 
 
 def test_user_subclass_gets_the_vlm_prior_in_guided_rounds(user_module, workdir):
-    loop = COVRLoop(
+    loop = build_loop(
         _cfg(
             "run.total_env_steps=160",
             "covr.psi_0=80",  # rounds 0-80 and 80-160 (updates from 80), one fine-tune between
