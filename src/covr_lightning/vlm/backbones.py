@@ -16,7 +16,6 @@ is missing, where it looked and how to get it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from covr_lightning.errors import ConfigError
 from covr_lightning.vlm.processor import load_processor
+from covr_lightning.vlm.quiet import quiet_progress
 from covr_lightning.vlm.tiny import TINY_NAME, ensure_tiny_backbone
 
 log = logging.getLogger(__name__)
@@ -109,21 +109,6 @@ def _from_hub(repo_id: str, download: bool) -> Path:
         f"download them once with `hf download {repo_id}` (or on another machine and copy HF_HOME), "
         f"set vlm.download=true, pass a local folder as vlm.backbone, or try vlm.backbone={TINY_NAME}",
     )
-
-
-@contextlib.contextmanager
-def _quiet_progress(quiet: bool):
-    """Hide transformers' progress bars while ``quiet`` (restored afterwards)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if quiet:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if quiet and was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def default_dtype(device: torch.device | str | None) -> torch.dtype:
@@ -220,7 +205,7 @@ def load_backbone(
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": torch.device(device or "cuda")})
     try:
-        with _quiet_progress(is_tiny):  # a loading bar for 56 tiny tensors is noise
+        with quiet_progress(is_tiny):  # a loading bar for 56 tiny tensors is noise
             model = AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as error:
         raise BackboneNotFoundError(

@@ -20,6 +20,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from covr_lightning.vlm.quiet import quiet_progress
+
 TINY_NAME = "tiny-qwen2.5-vl"
 TINY_VERSION = 1
 """Bump when the tiny model's config, tokenizer or template changes."""
@@ -168,9 +170,7 @@ def _write_tiny(folder: Path) -> None:
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = token_id("<|im_end|>")
     model.generation_config.pad_token_id = token_id("<|endoftext|>")
-    from covr_lightning.vlm.backbones import _quiet_progress
-
-    with _quiet_progress(True):
+    with quiet_progress(True):
         model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     # At most 112 x 112 pixels -> 8 x 8 patches of 14 -> 16 image tokens after the 2 x 2 merge.
