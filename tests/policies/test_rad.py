@@ -58,7 +58,7 @@ def test_crop_trains_under_fabric_and_acts_on_raw_100px_env_frames():
         expected = m.actor(m.encoder(window), deterministic=True)[0][0].numpy()
     np.testing.assert_allclose(action, expected, rtol=0, atol=1e-6)
     assert m.q_value(torch.as_tensor(obs)[None]).shape == (1,)
-    with pytest.raises(ConfigError, match="expected"):
+    with pytest.raises(ValueError, match="expected"):
         m.act(np.zeros((9, 84, 84), np.uint8))  # an already-cropped frame is not an env frame
     env.close()
 

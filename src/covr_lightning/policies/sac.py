@@ -393,10 +393,11 @@ class SACPolicyModule(lightning.LightningModule):
         both = self.augment(torch.cat([batch["obs"], batch["next_obs"]], dim=1))
         batch["obs"], batch["next_obs"] = both.chunk(2, dim=1)
         if tuple(batch["obs"].shape[1:]) != self.network_obs_shape:
-            raise ConfigError(
+            # A bug in a subclass's code, not a recipe value: it keeps its traceback.
+            raise ValueError(
                 f"{type(self).__name__}.augment returned observations of shape "
-                f"{tuple(batch['obs'].shape[1:])} per half, the networks expect {self.network_obs_shape}",
-                "make observation_transform produce the same size as augment",
+                f"{tuple(batch['obs'].shape[1:])} per half, the networks expect "
+                f"{self.network_obs_shape}: make observation_transform produce the same size"
             )
         metrics: dict[str, Tensor] = {}
 
@@ -477,10 +478,9 @@ class SACPolicyModule(lightning.LightningModule):
         x = torch.as_tensor(np.ascontiguousarray(obs)) if isinstance(obs, np.ndarray) else obs
         single = tuple(x.shape) == self.obs_shape
         if not single and tuple(x.shape[1:]) != self.obs_shape:
-            raise ConfigError(
+            raise ValueError(  # the caller's bug (the builder sizes the policy from the env)
                 f"act() got an observation of shape {tuple(x.shape)}, expected {self.obs_shape} "
-                f"or (B, {', '.join(map(str, self.obs_shape))})",
-                "build the policy with the environment's observation_space.shape",
+                f"or (B, {', '.join(map(str, self.obs_shape))})"
             )
         if x.is_floating_point():
             x = x.float()
