@@ -20,6 +20,7 @@ RANK = {
     "build": 5,
     "loop": 4,
     "config": 3,
+    "recipe_files": 3,
     "policies": 2,
     "vlm": 2,
     "data": 2,

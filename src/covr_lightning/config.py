@@ -18,7 +18,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-import math
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -36,12 +35,10 @@ from jsonargparse.typing import (
 
 from covr_lightning.envs.base import PixelEnv
 from covr_lightning.errors import ConfigError
+from covr_lightning.recipe_files import check_finite, read_recipe
 
 SECTIONS = ("run", "env", "policy", "replay", "covr", "vlm", "sft", "tracking")
 """Top-level recipe sections."""
-BASE_KEY = "base"
-"""Top-level key naming the recipe a recipe changes (a packaged name or a path relative to it)."""
-_COMPONENTS = ("env", "policy", "replay", "vlm", "sft")
 
 VLMImageSize = restricted_number_type("VLMImageSize", int, (">=", 28))
 """Side of the VLM's render: at least 28 px (one 14-px patch pair of Qwen-VL's merger)."""
@@ -243,7 +240,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Namesp
             an unknown key, a wrong type or value, a bad class path.
     """
     path = find_recipe(name_or_path)
-    raw = read_recipe(path)
+    raw = read_recipe(path, find_recipe, _check_sections)
 
     args = []
     for item in overrides or []:
@@ -263,156 +260,8 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Namesp
             cfg = parser.parse_args(args, namespace=cfg)
     except Exception as err:  # jsonargparse raises ArgumentError/TypeError/ValueError variants
         raise summarise_parse_error(str(err), cfg_source=str(path)) from err
-    _check_finite(config_to_dict(cfg), str(path))
+    check_finite(config_to_dict(cfg), str(path))
     return cfg
-
-
-# --------------------------------------------------------------------------- reading files
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (YAML silently keeps the
-    last one, so a repeated key would hide a value the user wrote)."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
-    seen: set = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _read_mapping(path: Path) -> dict[str, Any]:
-    """One recipe file as a mapping with string keys; one ConfigError line for anything else."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(
-            f"recipe {path} is not a text file (not UTF-8)", "pass a YAML recipe file"
-        ) from err
-    except OSError as err:
-        raise ConfigError(
-            f"cannot read recipe {path} ({err.strerror or err})", "pass a readable YAML file"
-        ) from err
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where else ""
-        problem = getattr(err, "problem", None) or "syntax error"
-        raise ConfigError(
-            f"recipe {path} is not valid YAML{line}: {problem}", "fix the YAML in that file"
-        ) from err
-    if raw is None:
-        raise ConfigError(f"recipe {path} is empty", f"write the sections {', '.join(SECTIONS)}")
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"recipe {path} is a YAML {type(raw).__name__}, not a mapping of sections",
-            f"write a mapping with the sections {', '.join(SECTIONS)}",
-        )
-    _check_keys_are_text(raw, str(path), prefix="")
-    return raw
-
-
-def _check_keys_are_text(tree: dict, where: str, prefix: str) -> None:
-    for key, value in tree.items():
-        if not isinstance(key, str):
-            raise ConfigError(
-                f"recipe key {prefix}{key!r} in {where} is not text",
-                "write keys as names (quote them if they look like numbers)",
-            )
-        if isinstance(value, dict):
-            _check_keys_are_text(value, where, f"{prefix}{key}.")
-
-
-def read_recipe(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A recipe file with its bases merged in, as one mapping of sections.
-
-    Composition: a recipe may name ``base: NAME_OR_PATH`` (a path relative to the recipe's folder,
-    or a packaged recipe name). Its sections are merged over the base's, mappings key by key and
-    everything else replaced; a component whose ``class_path`` differs from the base's is
-    replaced whole (its ``init_args`` start from the class's defaults, not the base's, since
-    another class takes other arguments). Bases may have bases of their own.
-
-    Raises:
-        ConfigError: A file that is not a recipe, a missing base, or a circular chain of bases.
-    """
-    path = path.resolve()
-    if path in chain:
-        cycle = " -> ".join(p.name for p in (*chain, path))
-        raise ConfigError(f"recipe bases form a cycle ({cycle})", "remove one of the base: keys")
-    raw = _read_mapping(path)
-    base_name = raw.pop(BASE_KEY, None)
-    _check_sections(raw.keys(), where=str(path))
-    for section, value in raw.items():
-        if value is not None and not isinstance(value, dict):
-            raise ConfigError(
-                f"recipe section '{section}' in {path} is a {type(value).__name__}, not a mapping",
-                f"write {section}: as a mapping of keys (see docs/recipes.md)",
-            )
-    if base_name is None:
-        return raw
-    if not isinstance(base_name, str) or not base_name:
-        raise ConfigError(f"base: {base_name!r} in {path} is not a recipe name", "write base: NAME")
-    relative = path.parent / base_name
-    try:
-        base_path = relative if relative.is_file() else find_recipe(base_name)
-    except ConfigError as err:
-        raise ConfigError(
-            f"base recipe '{base_name}' of {path} not found", err.fix or "fix the base: key"
-        ) from err
-    return merge_recipes(read_recipe(base_path, (*chain, path)), raw)
-
-
-def merge_recipes(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
-    """``delta``'s sections over ``base``'s (the composition rule of :func:`read_recipe`)."""
-    merged = dict(base)
-    for section, value in delta.items():
-        old = merged.get(section)
-        if (
-            section in _COMPONENTS
-            and isinstance(value, dict)
-            and isinstance(old, dict)
-            and "class_path" in value
-            and value["class_path"] != old.get("class_path")
-        ):
-            merged[section] = value
-        elif isinstance(value, dict) and isinstance(old, dict):
-            merged[section] = _deep_merge(old, value)
-        else:
-            merged[section] = value
-    return merged
-
-
-def _deep_merge(base: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in delta.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _check_finite(tree: dict[str, Any], where: str, prefix: str = "") -> None:
-    """No setting may be NaN or infinite (a NaN learning rate trains nothing, silently)."""
-    for key, value in tree.items():
-        name = f"{prefix}{key}" if key != "init_args" else prefix.rstrip(".")
-        if isinstance(value, dict):
-            _check_finite(value, where, f"{name}." if name else "")
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(
-                f"recipe key '{name}' is {value}, not a finite number",
-                f"give {name} a finite value in {where} or as an override",
-            )
 
 
 def dump_config(cfg: Namespace) -> str:
