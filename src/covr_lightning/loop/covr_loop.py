@@ -385,9 +385,9 @@ class COVRLoop(RLLoop):
         self.phase_seconds = dict(covr_state["phase_seconds"])
         # Env state is not checkpointed: the resumed run starts new episodes, so the episode
         # segments that were open in D_f end here, bootstrapped from where they stood.
-        saved_obs = state["loop"].get("lane_obs", [])
+        saved_obs = state["loop"]["lane_obs"]
         for lane in self.sft.open_streams:
-            obs = saved_obs[lane] if lane < len(saved_obs) else None
+            obs = saved_obs[lane]
             value = self._state_value(None if obs is None else obs.numpy())
             self.sft.end_segment(bootstrap=value, truncated=True, stream=lane)
 
