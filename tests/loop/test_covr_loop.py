@@ -18,7 +18,7 @@ from tests.helpers import TINY
 
 import covr_lightning
 from covr_lightning.build import build_loop
-from covr_lightning.config import load_recipe
+from covr_lightning.config import load_recipe, packaged_recipes_dir
 from covr_lightning.errors import ConfigError
 from covr_lightning.loop.checkpoint import STATE_FILE, latest_checkpoint, read_state
 from covr_lightning.loop.covr_loop import COVRLoop
@@ -167,7 +167,7 @@ def test_checkpoints_of_the_other_loop_are_refused(workdir):
 
 
 def test_missing_vlm_section_is_a_config_error(workdir, tmp_path):
-    recipe = Path(covr_lightning.__file__).parent / "recipes" / "quickstart.yaml"
+    recipe = packaged_recipes_dir() / "quickstart.yaml"
     text = recipe.read_text()
     trimmed = text[: text.index("vlm:")] + text[text.index("sft:") :]
     path = tmp_path / "novlm.yaml"
