@@ -115,7 +115,8 @@ class EnvPool:
 
     def render(self, height: int, width: int) -> np.ndarray:
         """Every env's ``render(height, width)``: ``(N, height, width, 3)`` uint8."""
-        return np.stack(self._vec.call("render", height, width))
+        # Plain ints: a recipe's bounded int types only exist in the process that parsed it.
+        return np.stack(self._vec.call("render", int(height), int(width)))
 
     def get_attr(self, name: str) -> tuple[Any, ...]:
         """An attribute of every env."""
