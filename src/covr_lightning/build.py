@@ -40,6 +40,7 @@ from covr_lightning.loop import checkpoint as ckpt
 from covr_lightning.loop.covr_loop import COVRLoop, COVRParts
 from covr_lightning.loop.episodes import evaluation_seed
 from covr_lightning.loop.rl_loop import RLLoop, RLParts
+from covr_lightning.loop.rng import VLM_BUILD, vlm_stream
 from covr_lightning.policies.sac import SACPolicyModule
 from covr_lightning.tracking.mlflow import MLflowTracker
 from covr_lightning.vlm.codecs import make_codec
@@ -180,7 +181,8 @@ def build_covr_parts(cfg: Namespace, env: PixelEnv, policy: SACPolicyModule, dev
                 f"add a {section} section (see the dmc_cheetah recipe) or set covr.enabled=false",
             )
     covr = COVRConfig(**cfg.covr.as_dict())
-    vlm = build_vlm(cfg, device)
+    with vlm_stream(cfg.run.seed, VLM_BUILD):  # the agent's random streams stay its own
+        vlm = build_vlm(cfg, device)
     space = env.action_space
     codec = make_codec(covr.codec or env.codec_kind, space.low, space.high)
     task = covr.task or env.task_description

@@ -149,6 +149,22 @@ def test_resume_between_the_phases_finishes_like_one_run(workdir):
     ]  # fmt: skip
 
 
+def test_covr_agent_is_bit_identical_to_the_unguided_run_until_guidance_starts(workdir):
+    """The VLM side (its build, a fine-tune) draws from its own streams: up to the first guided
+    step (env step 400 here: two cold-start rounds, one fine-tune between them) the agent of a
+    COVR run is exactly the agent of the same seed without COVR."""
+    common = ["run.total_env_steps=400", "tracking.enabled=false"]
+    covr = _loop([*COVR_TINY, *common], "covr-unguided")
+    covr.fit()
+    assert (covr.run_dir / "adapters" / "round_0").is_dir()  # the fine-tune did run
+    plain = _loop([*COVR_TINY, *common, "covr.enabled=false"], "plain")
+    plain.fit()
+    assert covr.updates == plain.updates > 0
+    for name, value in plain.module.state_dict().items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            assert torch.equal(value, covr.module.state_dict()[name]), name
+
+
 def test_the_builder_picks_the_loop_by_covr_enabled(workdir):
     off = _loop([*TINY, "covr.enabled=false", "tracking.enabled=false"], "off")
     assert type(off) is RLLoop and "prior" not in off.replay.extras

@@ -40,6 +40,7 @@ from covr_lightning.config import COVRConfig
 from covr_lightning.data.sft import SFTDataModule
 from covr_lightning.errors import ConfigError, TrainingDivergedError
 from covr_lightning.loop.rl_loop import RLLoop, RLParts
+from covr_lightning.loop.rng import FINE_TUNE, vlm_stream
 from covr_lightning.loop.schedule import Round, plan_rounds, schedule_table
 from covr_lightning.vlm.codecs import NumericCodec, PhraseCodec
 from covr_lightning.vlm.guide import Guide
@@ -178,7 +179,8 @@ class COVRLoop(RLLoop):
             q_values=self._q_values_of_rows() if self.sft.return_signal == "q_value" else None,
         )
         if self.sft.num_examples > 0:
-            metrics.update(self.fine_tune())
+            with vlm_stream(self.run.seed, FINE_TUNE, current.index):  # not the agent's streams
+                metrics.update(self.fine_tune())
             folder = self.vlm.save_adapter(self.run_dir / "adapters" / f"round_{current.index}")
             self.tracker.log_artifact(folder, artifact_path=f"adapters/round_{current.index}")
         else:
