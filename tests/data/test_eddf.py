@@ -63,15 +63,23 @@ def test_threshold_falls_as_entropy_rises_and_literal_sign_reverses_it():
     assert all(a < b for a, b in zip(literal, literal[1:], strict=False))
 
 
-def test_no_zscore_by_hand_and_same_rows_as_dynamic():
-    # raw: median 3, IQR 4 - 2 = 2, tau = 3 + 0.5 * 2 = 4 -> returns 4 and 5
+def test_no_zscore_by_hand_and_a_real_ablation():
+    # raw: median 3, IQR 2, tau = median + s(H) = 3 + 0.5 (not scaled by the IQR) -> 4 and 5
     keep, stats = eddf_mask(G, entropy=0.0, mode="no_zscore")
     assert keep.tolist() == [False, False, False, True, True]
-    assert (stats.tau, stats.median, stats.iqr) == (4.0, 3.0, 2.0)
-    # median and IQR are affine-equivariant, so z-scoring cannot change which rows pass
+    assert (stats.tau, stats.median, stats.iqr) == (3.5, 3.0, 2.0)
+    # The rule "dynamic on raw returns" would keep exactly dynamic's rows (median and IQR are
+    # affine-equivariant); no_zscore must differ on returns of a realistic scale.
     g = np.random.default_rng(1).gamma(2.0, 30.0, size=500)
     for h in (-3.0, 0.0, 3.0):
-        assert np.array_equal(eddf_mask(g, h)[0], eddf_mask(g, h, mode="no_zscore")[0])
+        raw_rule = g >= np.median(g) + eddf_mask(g, h)[1].entropy_scale * (
+            np.percentile(g, 75) - np.percentile(g, 25)
+        )
+        assert np.array_equal(eddf_mask(g, h)[0], raw_rule)
+        assert not np.array_equal(eddf_mask(g, h)[0], eddf_mask(g, h, mode="no_zscore")[0])
+    # Without the spread, the entropy term barely moves the threshold at this scale.
+    kept = [eddf_mask(g, h, mode="no_zscore")[1].rows_kept for h in (-3.0, 3.0)]
+    assert abs(kept[0] - kept[1]) <= 15 and abs(kept[0] - 250) <= 15  # ~ the median, whatever H
 
 
 def test_top_k_by_hand():

@@ -11,6 +11,12 @@ entropy is high, against its stated intent (high entropy early -> relaxed thresh
 The default implements the intent, s(H) = sigmoid(-H / temperature); ``sign="literal"`` gives the
 printed sigmoid(+H / temperature). Percentiles and medians use numpy's default linear interpolation.
 
+Ablation ``no_zscore``: since median and IQR are affine-equivariant, applying the same rule to raw
+returns would keep exactly the same rows, so that reading would be no ablation at all. What the
+z-score buys is that the entropy offset s(H_t) is measured in units of the returns' spread; without
+it, ``tau = median(g) + s(H_t)`` in raw return units, so the entropy term matters only where
+returns vary by about one unit (docs/method.md).
+
 Degenerate inputs are defined, never errors:
 
 - empty input: nothing kept, ``tau``/``median``/``iqr`` NaN, ``kept_fraction`` 0;
@@ -117,7 +123,8 @@ def eddf_mask(
         mode: ``dynamic`` (EDDF); ``random`` (as many rows as ``dynamic`` keeps, drawn uniformly
             from the finite rows: the "w/o EDDF" ablation); ``top_k`` (rows with g at or above
             the ``quantile``-th quantile: the paper's "top-80/90/95 %" are q = 0.80/0.90/0.95,
-            i.e. the best 20/10/5 % of rows); ``no_zscore`` (the dynamic rule on raw returns).
+            i.e. the best 20/10/5 % of rows); ``no_zscore`` (tau = median(g) + s(H) on raw returns:
+            the entropy offset no longer scales with the returns' spread).
         sign: Entropy convention of s(H) (see the module docstring).
         temperature: T in s(H) = sigmoid(-+H / T).
         quantile: q for ``top_k``.
@@ -150,7 +157,11 @@ def eddf_mask(
         median, iqr = _median_iqr(g[finite])
         keep = finite & (g >= tau)
     elif mode == "no_zscore":
-        keep, tau, median, iqr = _dynamic(g, finite, scale)
+        # Without the z-score the entropy term is not scaled by the spread of the returns:
+        # tau = median(g) + s(H) in raw return units (docs/method.md, "w/o z-score").
+        median, iqr = _median_iqr(g[finite])
+        tau = median + scale if np.ptp(g[finite]) > 0 else median  # all equal: keep every row
+        keep = finite & (g >= tau)
     else:
         keep, tau, median, iqr = _dynamic(zscore(g), finite, scale)
         if mode == "random":
