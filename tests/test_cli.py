@@ -101,7 +101,7 @@ def test_killed_run_resumes_and_reaches_the_budget(workdir):
     ("args", "message"),
     [
         (["--recipe", "nope"], "no recipe 'nope'"),
-        (["--recipe", "quickstart", "policy.actor_lr=fast"], "expects float"),
+        (["--recipe", "quickstart", "policy.actor_lr=fast"], "expects a number > 0"),
         (["--recipe", "quickstart", "policy.typo=1"], "unknown recipe key 'policy.typo'"),
         (["--recipe", "quickstart", "run.dir=/proc/forbidden"], "cannot write the run directory"),
         (["--recipe", "quickstart", "--resume", "last"], "no checkpoint"),

@@ -37,14 +37,15 @@ def test_dump_is_reloadable(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["policy.actor_lr=fast"], r"'policy.actor_lr' expects float, got 'fast'"),
+        (["policy.actor_lr=fast"], r"'policy.actor_lr' expects a number > 0 .*'fast'"),
         (["run.total_env_steps=many"], r"'run.total_env_steps' expects an integer > 0"),
         (["run.total_env_steps=0"], r"'run.total_env_steps' is 0, but it must be an integer > 0"),
         (["covr.prior_weight=-1"], r"'covr.prior_weight' is -1, but it must be a number >= 0"),
         (["covr.vlm_image_size=20"], r"'covr.vlm_image_size' is 20.*integer >= 28"),
         (["env.image_size=0"], r"'env.image_size' is 0, but it must be an integer > 0"),
         (["run.accelerator=tpu"], r"'run.accelerator' expects"),
-        (["policy.actor_lr=.nan"], r"'policy.actor_lr' is nan, not a finite number"),
+        (["policy.actor_log_std_min=.nan"], r"'policy.actor_log_std_min' is nan, not a finite number"),
+        (["policy.actor_lr=.nan"], r"'policy.actor_lr' is nan, but it must be a number > 0"),
         (["covr.prior_weight=inf"], r"'covr.prior_weight' is inf, not a finite number"),
         (["policy.actor_lr=[1, 2]"], r"'policy.actor_lr'"),
         (["policy.actor_lrr=1"], r"unknown recipe key 'policy.actor_lrr'.*'policy.actor_lr'"),

@@ -27,6 +27,7 @@ RANK = {
     "envs": 2,
     "tracking": 2,
     "errors": 0,
+    "types": 0,
     "__init__": 0,
     "recipes": 0,
 }

@@ -30,18 +30,16 @@ from jsonargparse.typing import (
     NonNegativeFloat,
     NonNegativeInt,
     PositiveInt,
-    restricted_number_type,
 )
 
 from covr_lightning.envs.base import PixelEnv
 from covr_lightning.errors import ConfigError
 from covr_lightning.recipe_files import check_finite, read_recipe
+from covr_lightning.types import VLMImageSize
 
 SECTIONS = ("run", "env", "policy", "replay", "covr", "vlm", "sft", "tracking")
 """Top-level recipe sections."""
 
-VLMImageSize = restricted_number_type("VLMImageSize", int, (">=", 28))
-"""Side of the VLM's render: at least 28 px (one 14-px patch pair of Qwen-VL's merger)."""
 
 # Arguments the builder passes at the call site; never recipe keys.
 _CALL_SITE_ARGS = {
@@ -293,6 +291,8 @@ _TYPE_WORDS = {
     "ClosedUnitInterval": "a number in [0, 1]",
     "OpenUnitInterval": "a number in (0, 1)",
     "VLMImageSize": "an integer >= 28",
+    "OpenClosedUnitInterval": "a number in (0, 1]",
+    "UnitFraction": "a number in [0, 1)",
 }
 """How the typed signatures' types read in an error line."""
 

@@ -35,13 +35,6 @@ class ConfigError(Exception):
         return f"{self.problem}. Fix: {self.fix}." if self.fix else f"{self.problem}."
 
 
-def require_all(checks: list[tuple[bool, str]], fix: str = "fix the value in the recipe") -> None:
-    """Raise a :class:`ConfigError` for the first ``(ok, problem)`` pair whose ``ok`` is false."""
-    for ok, problem in checks:
-        if not ok:
-            raise ConfigError(problem, fix)
-
-
 class TrainingDivergedError(ConfigError):
     """A loss or metric became NaN/inf; the last good checkpoint is left untouched."""
 

@@ -372,19 +372,22 @@ def test_state_observations_work_end_to_end():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("override", "message"),
     [
-        {"critic_tau": 0.0},
-        {"encoder_tau": 1.5},
-        {"actor_update_every": 0},
-        {"target_update_every": 1.5},
-        {"init_temperature": 0.0},
-        {"gamma": 1.1},
+        ("critic_tau=0.0", "'policy.critic_tau' is 0.0, but it must be a number in (0, 1]"),
+        ("encoder_tau=1.5", "'policy.encoder_tau' is 1.5, but it must be a number in (0, 1]"),
+        ("actor_update_every=0", "'policy.actor_update_every' is 0, but it must be an integer > 0"),
+        ("target_update_every=1.5", "'policy.target_update_every' expects an integer > 0"),
+        ("init_temperature=0.0", "'policy.init_temperature' is 0.0, but it must be a number > 0"),
+        ("gamma=1.1", "'policy.gamma' is 1.1, but it must be a number in [0, 1]"),
     ],
 )
-def test_bad_hyperparameters_raise_config_error(kwargs):
-    with pytest.raises(ConfigError):
-        SACPolicyModule(OBS_SHAPE, ACTION_DIM, hidden_dim=8, num_filters=4, **kwargs)
+def test_bad_hyperparameters_are_refused_by_the_typed_signature(override, message):
+    from covr_lightning.config import load_recipe
+
+    with pytest.raises(ConfigError) as err:
+        load_recipe("quickstart", [f"policy.{override}"])
+    assert message in err.value.line()
 
 
 def test_prior_term_pulls_the_mean_action_towards_a_v_on_valid_rows_only():

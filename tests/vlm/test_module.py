@@ -129,14 +129,22 @@ def test_missing_adapter_folder_is_a_config_error(vlm, tmp_path):
         vlm.load_adapter(tmp_path)
 
 
+def test_target_modules_that_match_nothing_name_the_key():
+    with pytest.raises(ConfigError, match="target_modules"):
+        VLMLoRAModule("tiny-qwen2.5-vl", target_modules=["nope_proj"])
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "key"),
+    ("override", "message"),
     [
-        ({"lora_rank": 0}, "lora_rank"),
-        ({"label_smoothing": 1.0}, "label_smoothing"),
-        ({"target_modules": ["nope_proj"]}, "target_modules"),
-    ],  # fmt: skip
+        ("lora_rank=0", "'vlm.lora_rank' is 0, but it must be an integer > 0"),
+        ("label_smoothing=1.0", "'vlm.label_smoothing' is 1.0, but it must be a number in [0, 1)"),
+        ("lr=0", "'vlm.lr' is 0"),
+    ],
 )
-def test_bad_hyperparameters_name_the_key(kwargs, key):
-    with pytest.raises(ConfigError, match=key):
-        VLMLoRAModule("tiny-qwen2.5-vl", **kwargs)
+def test_bad_hyperparameters_are_refused_by_the_typed_signature(override, message):
+    from covr_lightning.config import load_recipe
+
+    with pytest.raises(ConfigError) as err:
+        load_recipe("quickstart", [f"vlm.{override}"])
+    assert message in err.value.line()

@@ -42,11 +42,12 @@ from typing import Any
 
 import gymnasium
 import numpy as np
-from jsonargparse.typing import PositiveInt, restricted_number_type
+from jsonargparse.typing import PositiveInt
 from PIL import Image
 
 from covr_lightning.envs.base import PixelEnv
 from covr_lightning.errors import ConfigError
+from covr_lightning.types import OpenClosedUnitInterval
 
 DEFAULT_ACTION_REPEAT = 4
 """Env steps per agent step: 12.5 decisions per simulated second, 250 per 1000-step episode."""
@@ -58,8 +59,6 @@ TASK_DESCRIPTION = (
 
 NATIVE_SIZE = 96
 """Side of CarRacing's own observation (gymnasium's ``STATE_W``/``STATE_H``)."""
-LapShare = restricted_number_type("LapShare", float, [(">", 0.0), ("<=", 1.0)])
-"""A share of the track's tiles, in (0, 1]."""
 _HUD_CROP = (0, 84, 6, 90)
 """(top, bottom, left, right) of the frame without the dashboard, in the 96x96 observation: the
 bar covers the bottom 12 rows (gymnasium's ``_render_indicators``: H/8)."""
@@ -155,7 +154,7 @@ class CarRacingEnv(PixelEnv):
         action_repeat: PositiveInt | None = None,
         crop_hud: bool = False,
         max_episode_env_steps: PositiveInt | None = None,
-        lap_complete_percent: LapShare = 0.95,
+        lap_complete_percent: OpenClosedUnitInterval = 0.95,
         domain_randomize: bool = False,
         seed: int = 0,
     ) -> None:

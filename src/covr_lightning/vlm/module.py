@@ -28,10 +28,12 @@ from pathlib import Path
 import lightning
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from covr_lightning.data.ralw import ralw_loss
-from covr_lightning.errors import ConfigError, require_all
+from covr_lightning.errors import ConfigError
+from covr_lightning.types import UnitFraction
 from covr_lightning.vlm.backbones import Quantization, load_backbone
 
 log = logging.getLogger(__name__)
@@ -109,12 +111,12 @@ class VLMLoRAModule(lightning.LightningModule):
         self,
         backbone: str = "qwen2.5-vl-3b",
         *,
-        lora_rank: int = 128,
-        lora_alpha: float = 16.0,
-        lora_dropout: float = 0.05,
+        lora_rank: PositiveInt = 128,
+        lora_alpha: PositiveFloat = 16.0,
+        lora_dropout: UnitFraction = 0.05,
         target_modules: Sequence[str] = LANGUAGE_LINEAR_LAYERS,
-        label_smoothing: float = 0.1,
-        lr: float = 1e-4,
+        label_smoothing: UnitFraction = 0.1,
+        lr: PositiveFloat = 1e-4,
         weight_decay: float = 0.0,
         dtype: str = "auto",
         quantization: Quantization = None,
@@ -123,8 +125,7 @@ class VLMLoRAModule(lightning.LightningModule):
         download: bool = False,
         device: str | None = None,
     ) -> None:
-        super().__init__()
-        _check_hparams(lora_rank, lora_alpha, lora_dropout, label_smoothing, lr)
+        super().__init__()  # value ranges: the argument types, checked when a recipe is parsed
         self.save_hyperparameters()
         base, self.processor = load_backbone(
             backbone,
@@ -251,14 +252,3 @@ class VLMLoRAModule(lightning.LightningModule):
         if not path.is_file():
             raise ConfigError(f"no LoRA adapter at {path}", "point at a folder from save_adapter")
         self.load_adapter_state_dict(load_file(path))
-
-
-def _check_hparams(rank: int, alpha: float, dropout: float, smoothing: float, lr: float) -> None:
-    checks = [
-        (rank >= 1, f"vlm.lora_rank must be >= 1, got {rank}"),
-        (alpha > 0, f"vlm.lora_alpha must be > 0, got {alpha}"),
-        (0 <= dropout < 1, f"vlm.lora_dropout must be in [0, 1), got {dropout}"),
-        (0 <= smoothing < 1, f"vlm.label_smoothing must be in [0, 1), got {smoothing}"),
-        (lr > 0, f"vlm.lr must be > 0, got {lr}"),
-    ]
-    require_all(checks)
