@@ -44,8 +44,11 @@ def test_dump_is_reloadable(tmp_path):
         (["covr.vlm_image_size=20"], r"'covr.vlm_image_size' is 20.*integer >= 28"),
         (["env.image_size=0"], r"'env.image_size' is 0, but it must be an integer > 0"),
         (["run.accelerator=tpu"], r"'run.accelerator' expects"),
-        (["policy.actor_log_std_min=.nan"], r"'policy.actor_log_std_min' is nan, not a finite number"),
-        (["policy.actor_lr=.nan"], r"'policy.actor_lr' is nan, but it must be a number > 0"),
+        (
+            ["policy.actor_log_std_min=.nan"],
+            r"'policy.actor_log_std_min' is nan, not a finite number",
+        ),
+        (["policy.actor_lr=nan"], r"'policy.actor_lr' is nan, but it must be a number > 0"),
         (["covr.prior_weight=inf"], r"'covr.prior_weight' is inf, not a finite number"),
         (["policy.actor_lr=[1, 2]"], r"'policy.actor_lr'"),
         (["policy.actor_lrr=1"], r"unknown recipe key 'policy.actor_lrr'.*'policy.actor_lr'"),
