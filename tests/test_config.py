@@ -158,3 +158,12 @@ def test_another_class_path_replaces_the_component_whole(tmp_path):
     # RAD's own defaults, not the quickstart's SAC settings (e.g. its 2-layer encoder).
     quick = config_to_dict(load_recipe("quickstart"))["policy"]["init_args"]
     assert policy["init_args"]["num_conv_layers"] != quick["num_conv_layers"]
+
+
+def test_resolved_numbers_are_plain_python_numbers():
+    """Typed values (PositiveFloat...) would reach optimizer states and so checkpoints, which
+    torch's weights_only loader refuses; the resolved config holds plain ints and floats."""
+    cfg = load_recipe("dmc_cheetah_sac", ["policy.actor_lr=3e-4", "replay.capacity=1000"])
+    for key, value in cfg.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            assert type(value) in (int, float), (key, type(value))

@@ -259,7 +259,28 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Namesp
     except Exception as err:  # jsonargparse raises ArgumentError/TypeError/ValueError variants
         raise summarise_parse_error(str(err), cfg_source=str(path)) from err
     check_finite(config_to_dict(cfg), str(path))
+    return _plain_numbers(cfg)
+
+
+def _plain_numbers(cfg: Namespace) -> Namespace:
+    """Replace the typed numbers jsonargparse returns (``PositiveInt(3)``...) by plain ints and
+    floats: they would otherwise reach optimizer states and checkpoints, which torch's
+    ``weights_only`` loader refuses, and worker processes, which cannot unpickle them."""
+    for key, value in list(cfg.items()):
+        cfg[key] = _plain(value)
     return cfg
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int) and type(value) is not int:
+        return int(value)
+    if isinstance(value, float) and type(value) is not float:
+        return float(value)
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 def dump_config(cfg: Namespace) -> str:
