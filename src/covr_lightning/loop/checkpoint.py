@@ -162,6 +162,30 @@ def require_policy_class(state: dict[str, Any], policy: object, checkpoint: Path
         )
 
 
+def load_policy_state(
+    policy: Any, state: dict[str, Any], checkpoint: Path, fix: str, optimizers: list[Any] = ()
+) -> None:
+    """Load a checkpoint's policy weights (and optimizer states) strictly, after the class check.
+
+    Raises:
+        ConfigError: Another policy class, or weights/optimizers that do not fit the policy.
+    """
+    require_policy_class(state, policy, checkpoint, fix)
+    try:
+        policy.load_state_dict(state["policy"], strict=True)
+        if optimizers:
+            if len(state["optimizers"]) != len(optimizers):
+                raise ValueError("number of optimizers differs")
+            for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
+                opt.load_state_dict(opt_state)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ConfigError(
+            f"checkpoint {checkpoint} does not match the policy the recipe builds "
+            f"({str(err).splitlines()[0][:160]})",
+            fix,
+        ) from err
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)

@@ -485,18 +485,7 @@ class RLLoop:
         )
         ckpt.require_policy_class(state, self.module, checkpoint, fix)
         self.check_state_kind(state, checkpoint)
-        try:
-            self.module.load_state_dict(state["policy"], strict=True)
-            if len(state["optimizers"]) != len(self.optimizers):
-                raise ValueError("number of optimizers differs")
-            for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
-                opt.load_state_dict(opt_state)
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise ConfigError(
-                f"checkpoint {checkpoint} does not match the recipe's policy "
-                f"({str(err).splitlines()[0][:160]})",
-                fix,
-            ) from err
+        ckpt.load_policy_state(self.module, state, checkpoint, fix, self.optimizers)
         saved_envs = int(state["loop"]["num_envs"])
         if saved_envs != self.num_envs:  # before the replay streams, which refuse less clearly
             raise ConfigError(
