@@ -1,6 +1,7 @@
 """The package's layers run one way and no two modules import each other, lazily or not.
 
-cli -> commands -> build -> loop -> config -> (policies, vlm, data, envs, tracking) -> errors.
+cli -> commands -> build -> loop -> config -> (policies, vlm, data, envs, tracking) -> guides
+-> errors.
 Every ``import`` statement counts, including those inside functions: a lazy import that goes
 up a layer is still a dependency on that layer.
 """
@@ -26,6 +27,7 @@ RANK = {
     "data": 2,
     "envs": 2,
     "tracking": 2,
+    "guides": 1,
     "errors": 0,
     "types": 0,
     "__init__": 0,

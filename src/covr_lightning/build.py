@@ -36,15 +36,16 @@ from covr_lightning.data.sft import SFTDataModule
 from covr_lightning.envs.base import PixelEnv
 from covr_lightning.envs.vector import EnvPool, env_factories
 from covr_lightning.errors import ConfigError
+from covr_lightning.guides.base import Guide, GuideContext
 from covr_lightning.loop import checkpoint as ckpt
 from covr_lightning.loop.covr_loop import COVRLoop, COVRParts
 from covr_lightning.loop.episodes import evaluation_seed
 from covr_lightning.loop.rl_loop import RLLoop, RLParts
-from covr_lightning.loop.rng import VLM_BUILD, vlm_stream
+from covr_lightning.loop.rng import GUIDE, VLM_BUILD, stream_seed, vlm_stream
 from covr_lightning.policies.sac import SACPolicyModule
 from covr_lightning.tracking.mlflow import MLflowTracker
 from covr_lightning.vlm.codecs import make_codec
-from covr_lightning.vlm.guide import Guide
+from covr_lightning.vlm.guide import VLMGuide
 from covr_lightning.vlm.module import VLMLoRAModule
 from covr_lightning.vlm.prompting import ActionPrompt, encode_sft_batch
 
@@ -191,13 +192,20 @@ def build_covr_parts(cfg: Namespace, env: PixelEnv, policy: SACPolicyModule, dev
             f"env {type(env).__name__} has no task_description for the VLM prompt",
             "set covr.task to a sentence describing the task",
         )
-    guide = Guide(
-        vlm,
-        ActionPrompt(task, codec.describe()),
-        codec,
-        max_new_tokens=covr.max_new_tokens or None,
+    context = GuideContext(
+        action_low=space.low,
+        action_high=space.high,
+        seed=stream_seed(cfg.run.seed, GUIDE),
+        vlm=vlm,
+        prompt=ActionPrompt(task, codec.describe()),
+        codec=codec,
+        max_new_tokens=covr.max_new_tokens,
         batch_size=covr.guide_batch_size,
+        load_policy=partial(_load_guide_policy, env=env, device=device),
     )
+    with vlm_stream(cfg.run.seed, GUIDE):  # a policy guide's weight init draws from torch
+        guide = build_guide(cfg, context)
+    vlm_guide = guide if isinstance(guide, VLMGuide) else VLMGuide.build(context)
     sft_args = init_args(cfg.sft)
     if sft_args.get("gamma") is None:  # the return-to-go discounts like the critic
         sft_args["gamma"] = float(policy.gamma)
@@ -211,9 +219,32 @@ def build_covr_parts(cfg: Namespace, env: PixelEnv, policy: SACPolicyModule, dev
         vlm=vlm,
         codec=codec,
         guide=guide,
+        vlm_guide=vlm_guide,
         sft=sft,
-        collate=partial(encode_sft_batch, vlm.processor, guide.prompt_text),
+        collate=partial(encode_sft_batch, vlm.processor, vlm_guide.prompt_text),
     )
+
+
+def build_guide(cfg: Namespace, context: GuideContext) -> Guide:
+    """The recipe's ``guide`` (default: the VLM guide), made with the run's context.
+
+    Raises:
+        ConfigError: ``guide.class_path`` is not a :class:`~covr_lightning.guides.base.Guide`.
+    """
+    if cfg.get("guide") is None:
+        return VLMGuide.build(context)
+    cls = import_class(cfg.guide.class_path)
+    if not (isinstance(cls, type) and issubclass(cls, Guide)):
+        raise ConfigError(
+            f"guide.class_path {cfg.guide.class_path} is not a covr_lightning.guides.base.Guide",
+            "subclass Guide, or use covr_lightning.vlm.guide.VLMGuide",
+        )
+    return cls.build(context, **init_args(cfg.guide))
+
+
+def _load_guide_policy(path: str, env: PixelEnv, device: str) -> SACPolicyModule:
+    """A trained policy for a policy guide; its observations must match this run's env."""
+    return build_trained_policy(load_saved_run(path), env, device)
 
 
 # --------------------------------------------------------------------------- loops

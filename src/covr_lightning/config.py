@@ -2,7 +2,7 @@
 
 A recipe is a YAML mapping with the top-level sections of :data:`SECTIONS`, optionally naming a
 ``base`` recipe it changes (see :func:`read_recipe`). ``run``, ``covr`` and ``tracking`` are small
-dataclasses; ``env``, ``policy``, ``replay``, ``vlm`` and ``sft`` are components written in
+dataclasses; ``env``, ``policy``, ``replay``, ``guide``, ``vlm`` and ``sft`` are components written in
 jsonargparse's ``class_path`` / ``init_args`` form, so a user's own subclass in their own module is
 picked by its dotted path and its extra ``__init__`` arguments are validated like the package's
 own. Values are validated by the typed signatures (``jsonargparse.typing``'s bounded types,
@@ -37,7 +37,7 @@ from covr_lightning.errors import ConfigError
 from covr_lightning.recipe_files import check_finite, read_recipe
 from covr_lightning.types import VLMImageSize
 
-SECTIONS = ("run", "env", "policy", "replay", "covr", "vlm", "sft", "tracking")
+SECTIONS = ("run", "env", "policy", "replay", "covr", "guide", "vlm", "sft", "tracking")
 """Top-level recipe sections."""
 
 
@@ -47,6 +47,8 @@ _CALL_SITE_ARGS = {
     "policy": {"obs_shape", "action_dim"},
     "replay": {"seed"},
     "sft": {"seed"},
+    "guide": {"policy", "action_low", "action_high", "seed", "vlm", "prompt", "codec"}
+    | {"max_new_tokens", "batch_size"},
 }
 
 
@@ -99,11 +101,15 @@ class COVRConfig:
         psi_0: Length of round 0 in env steps.
         growth: ``factorial`` (the paper's psi_{c+1} = psi_c + psi_c * c) or ``linear``.
         cold_start_rounds: Rounds without the lambda term at the start (DMC 4, CARLA 2).
-        guide_every: Ask the VLM every this many frames (agent steps); its answer is reused until
-            the next query.
+        guide_every: Ask the guide every this many frames (agent steps).
+        prior_scope: Which transitions carry the answer as their prior: ``query`` (default, only
+            the transition of the frame the guide saw) or ``held`` (the paper's reading: every
+            transition until the next query). docs/method.md, "One answer, one state".
+        prior_filter: ``none`` (the paper) or ``q``: the prior term applies only to rows where the
+            critic values a_v above the actor's own action (Nair et al. 2018's Q-filter).
         sft_every: Store a D_f row (VLM-sized render + the policy's action) every this many
-            frames; rewards of every step feed the return-to-go either way. Equal to
-            ``guide_every`` by default, so one render serves both.
+            frames; rewards of every step feed the return-to-go either way. 1 (the paper) stores
+            every frame.
         prior_weight: lambda of the actor's ``lambda * ||a_v - a_r||^2`` term (DMC 1, CARLA 2).
         vlm_image_size: Side of the render the VLM sees (larger than the policy's frames).
         task: Task prompt; empty takes the env's ``task_description``.
@@ -111,7 +117,11 @@ class COVRConfig:
         max_new_tokens: Generation budget of a guide query; 0 sizes it from the codec.
         guide_batch_size: Frames per ``generate`` call.
         sft_epochs: Passes over the filtered D_f per fine-tune.
+        sft_min_steps: Floor on optimizer steps per fine-tune: passes over the SFT set repeat until
+            it is reached, so a round with few kept rows still trains (0: no floor).
         sft_max_steps: Cap on optimizer steps per fine-tune (0: no cap).
+        vlm_eval_episodes: Episodes of the VLM acting alone (``vlm/eval_return``) before the
+            first fine-tune and after each one (0: off).
         sft_grad_clip: Gradient-norm clip of the adapter (0: off).
         release_vlm_memory: After each fine-tune, free the VLM optimizer and the CUDA cache.
     """
@@ -121,7 +131,9 @@ class COVRConfig:
     growth: Literal["factorial", "linear"] = "factorial"
     cold_start_rounds: NonNegativeInt = 4
     guide_every: PositiveInt = 10
-    sft_every: PositiveInt = 10
+    prior_scope: Literal["query", "held"] = "query"
+    prior_filter: Literal["none", "q"] = "none"
+    sft_every: PositiveInt = 1
     prior_weight: NonNegativeFloat = 1.0
     vlm_image_size: VLMImageSize = 224
     task: str = ""
@@ -129,7 +141,9 @@ class COVRConfig:
     max_new_tokens: NonNegativeInt = 0
     guide_batch_size: PositiveInt = 32
     sft_epochs: PositiveInt = 1
+    sft_min_steps: NonNegativeInt = 50
     sft_max_steps: NonNegativeInt = 0
+    vlm_eval_episodes: NonNegativeInt = 2
     sft_grad_clip: NonNegativeFloat = 1.0
     release_vlm_memory: bool = True
 
@@ -154,6 +168,7 @@ def build_parser() -> ArgumentParser:
     """The jsonargparse parser that validates a whole recipe."""
     from covr_lightning.data.replay import ReplayDataModule
     from covr_lightning.data.sft import SFTDataModule
+    from covr_lightning.guides.base import Guide
     from covr_lightning.policies.sac import SACPolicyModule
     from covr_lightning.vlm.module import VLMLoRAModule
 
@@ -167,6 +182,7 @@ def build_parser() -> ArgumentParser:
         ReplayDataModule, "replay", skip=_CALL_SITE_ARGS["replay"], required=True
     )
     parser.add_class_arguments(COVRConfig, "covr")
+    parser.add_subclass_arguments(Guide, "guide", skip=_CALL_SITE_ARGS["guide"], required=False)
     parser.add_subclass_arguments(VLMLoRAModule, "vlm", required=False)
     parser.add_subclass_arguments(SFTDataModule, "sft", skip=_CALL_SITE_ARGS["sft"], required=False)
     parser.add_class_arguments(TrackingConfig, "tracking")

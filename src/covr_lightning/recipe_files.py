@@ -17,7 +17,7 @@ from covr_lightning.errors import ConfigError
 
 BASE_KEY = "base"
 """Top-level key naming the recipe a recipe changes (a packaged name or a path relative to it)."""
-_COMPONENTS = ("env", "policy", "replay", "vlm", "sft")
+_COMPONENTS = ("env", "policy", "replay", "guide", "vlm", "sft")
 """Sections in ``class_path`` / ``init_args`` form (replaced whole when the class changes)."""
 
 

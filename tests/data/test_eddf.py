@@ -35,7 +35,7 @@ def test_dynamic_zero_entropy_by_hand():
     # s(0) = 0.5, tau = 0 + 0.5 * 1.41421 = 0.70711: keep g_z >= 0.70711, i.e. returns 4 and 5
     keep, stats = eddf_mask(G, entropy=0.0)
     assert keep.tolist() == [False, False, False, True, True]
-    assert stats.tau == pytest.approx(SQRT2 / 2, abs=1e-7)
+    assert stats.threshold == pytest.approx(SQRT2 / 2, abs=1e-7)
     assert stats.median == pytest.approx(0.0, abs=1e-12)
     assert stats.iqr == pytest.approx(SQRT2, abs=1e-7)
     assert (stats.rows_in, stats.rows_kept, stats.kept_fraction) == (5, 2, 0.4)
@@ -45,7 +45,7 @@ def test_entropy_moves_the_threshold_by_hand():
     # low entropy H = -10 (late training): s = sigmoid(10) = 0.99995, tau = 1.41415 -> only 5
     keep, stats = eddf_mask(G, entropy=-10.0)
     assert keep.tolist() == [False, False, False, False, True]
-    assert stats.tau == pytest.approx(SQRT2 / (1 + math.exp(-10)), abs=1e-7)
+    assert stats.threshold == pytest.approx(SQRT2 / (1 + math.exp(-10)), abs=1e-7)
     # high entropy H = +10 (early): s = 4.54e-5, tau = 6.4e-5 -> 4 and 5 (g_z of 3 is 0 < tau)
     keep, _ = eddf_mask(G, entropy=10.0)
     assert keep.tolist() == [False, False, False, True, True]
@@ -57,8 +57,8 @@ def test_entropy_moves_the_threshold_by_hand():
 def test_threshold_falls_as_entropy_rises_and_literal_sign_reverses_it():
     g = np.random.default_rng(0).normal(size=200)
     entropies = np.linspace(-5, 5, 11)
-    intent = [eddf_mask(g, h)[1].tau for h in entropies]
-    literal = [eddf_mask(g, h, sign="literal")[1].tau for h in entropies]
+    intent = [eddf_mask(g, h)[1].threshold for h in entropies]
+    literal = [eddf_mask(g, h, sign="literal")[1].threshold for h in entropies]
     assert all(a > b for a, b in zip(intent, intent[1:], strict=False))
     assert all(a < b for a, b in zip(literal, literal[1:], strict=False))
 
@@ -67,7 +67,7 @@ def test_no_zscore_by_hand_and_a_real_ablation():
     # raw: median 3, IQR 2, tau = median + s(H) = 3 + 0.5 (not scaled by the IQR) -> 4 and 5
     keep, stats = eddf_mask(G, entropy=0.0, mode="no_zscore")
     assert keep.tolist() == [False, False, False, True, True]
-    assert (stats.tau, stats.median, stats.iqr) == (3.5, 3.0, 2.0)
+    assert (stats.threshold, stats.median, stats.iqr) == (3.5, 3.0, 2.0)
     # The rule "dynamic on raw returns" would keep exactly dynamic's rows (median and IQR are
     # affine-equivariant); no_zscore must differ on returns of a realistic scale.
     g = np.random.default_rng(1).gamma(2.0, 30.0, size=500)
@@ -85,7 +85,7 @@ def test_no_zscore_by_hand_and_a_real_ablation():
 def test_top_k_by_hand():
     g = np.arange(1.0, 11.0)  # 1..10; quantile q (linear) = 1 + 9q
     keep, stats = eddf_mask(g, entropy=0.0, mode="top_k", quantile=0.8)  # 8.2 -> 9, 10
-    assert np.flatnonzero(keep).tolist() == [8, 9] and stats.tau == pytest.approx(8.2)
+    assert np.flatnonzero(keep).tolist() == [8, 9] and stats.threshold == pytest.approx(8.2)
     assert np.flatnonzero(eddf_mask(g, 0.0, "top_k", quantile=0.9)[0]).tolist() == [9]  # 9.1
     assert math.isnan(stats.entropy_scale)  # top_k ignores entropy
 
@@ -113,7 +113,7 @@ def test_random_keeps_as_many_rows_as_dynamic():
 @pytest.mark.parametrize("mode", ["dynamic", "random", "top_k", "no_zscore"])
 def test_degenerate_inputs_are_defined(mode):
     keep, stats = eddf_mask(np.array([]), 0.0, mode=mode)
-    assert keep.shape == (0,) and stats.kept_fraction == 0.0 and math.isnan(stats.tau)
+    assert keep.shape == (0,) and stats.kept_fraction == 0.0 and math.isnan(stats.threshold)
     assert eddf_mask(np.array([7.0]), 0.0, mode=mode)[0].tolist() == [True]
     assert eddf_mask(np.full(4, 2.5), 0.0, mode=mode)[0].all()  # nothing to prefer: keep all
     keep, stats = eddf_mask(np.array([1.0, np.nan, 5.0, np.inf]), 0.0, mode=mode)

@@ -87,7 +87,7 @@ def test_hand_computed_example():
     np.testing.assert_allclose(dm.built_weights, [0.5, 1.0])
     root = math.sqrt(1202)
     expected = {
-        "eddf/tau": 9.25 / root,
+        "eddf/threshold": 9.25 / root,
         "eddf/median": -2 / root,
         "eddf/iqr": 45 / root,
         "eddf/entropy_scale": 0.25,

@@ -33,6 +33,7 @@ COVR_TINY = [
     "covr.psi_0=200",
     "covr.cold_start_rounds=2",
     "covr.sft_every=1",
+    "covr.sft_min_steps=12",
     "covr.vlm_image_size=56",
     "vlm.init_args.lora_rank=4",
     "vlm.init_args.lora_alpha=8",
@@ -90,10 +91,11 @@ def test_mlflow_run_holds_the_covr_metrics(finished):
     assert run.info.status == "FINISHED"
     keys = set(run.data.metrics)
     for key in [
-        "rl/critic_loss", "rl/actor_loss", "rl/prior_penalty", "eval/return",
-        "vlm/sft_loss", "vlm/token_accuracy", "eddf/tau", "eddf/kept_fraction",
-        "ralw/mean_weight", "sft/rows_in", "sft/rows_out", "guide/invalid_rate",
-        "schedule/round", "time/rl_phase_s", "time/vlm_phase_s",
+        "rl/critic_loss", "rl/actor_loss", "guide/prior_penalty", "eval/return",
+        "vlm/sft_loss", "vlm/token_accuracy", "eddf/threshold", "eddf/kept_fraction",
+        "ralw/mean_weight", "sft/rows_in", "sft/rows_kept", "sft/rows_out", "sft/rows_dropped",
+        "guide/invalid_rate", "guide/critic_prefers_prior", "guide/prior_accepted_frac",
+        "schedule/round", "time/rl_phase_s", "time/vlm_phase_s", "vlm/eval_return",
     ]:  # fmt: skip
         assert key in keys, key
     rounds = [(m.step, m.value) for m in _metric(client, loop.mlflow_run_id, "schedule/round")]
@@ -102,8 +104,16 @@ def test_mlflow_run_holds_the_covr_metrics(finished):
     assert len(sft_steps) == 3 and all(math.isfinite(m.value) for m in
                                        _metric(client, loop.mlflow_run_id, "vlm/sft_loss"))  # fmt: skip
     # The prior term is logged only once guidance is on (round 2 starts at env step 400).
-    penalty_steps = [m.step for m in _metric(client, loop.mlflow_run_id, "rl/prior_penalty")]
+    penalty_steps = [m.step for m in _metric(client, loop.mlflow_run_id, "guide/prior_penalty")]
     assert penalty_steps and min(penalty_steps) > 400
+    # Every fine-tune reaches the floor of optimizer steps (covr.sft_min_steps=12), though
+    # D_f of a 200-env-step round holds 25 rows (about 2 batches after EDDF).
+    steps = [m.value for m in _metric(client, loop.mlflow_run_id, "vlm/sft_steps")]
+    assert len(steps) == 3 and min(steps) >= 12
+    # The VLM acting alone: before any fine-tune (env step 0) and after each of the three.
+    vlm_eval = _metric(client, loop.mlflow_run_id, "vlm/eval_return")
+    assert [m.step for m in vlm_eval] == [0, 200, 400, 800]
+    assert all(math.isfinite(m.value) for m in vlm_eval)
     artifacts = [a.path for a in client.list_artifacts(loop.mlflow_run_id, "adapters")]
     assert artifacts == ["adapters/round_0", "adapters/round_1", "adapters/round_2"]
 
@@ -115,6 +125,9 @@ def test_priors_are_stored_only_in_guided_rounds(finished):
     # Replay holds all 150 transitions; the first 50 (rounds 0-1, 400 env steps) are unguided.
     assert present.sum() == 150
     assert mask[:50].sum() == 0
+    # prior_scope "query": only the transition whose frame the guide read carries the prior,
+    # one per guide_every (10) agent steps of a 25-step episode (steps 0, 10, 20).
+    assert 0 < mask[50:].sum() <= math.ceil(100 / 25) * 3
     prior = batch["prior"].numpy()[present]
     assert np.all(np.abs(prior) <= 1.0)
 

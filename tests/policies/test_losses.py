@@ -11,6 +11,7 @@ from torch import nn
 from covr_lightning.policies.losses import (
     actor_loss,
     critic_loss,
+    critic_prefers,
     soft_q_target,
     soft_update_,
     squashed_gaussian_log_prob,
@@ -160,3 +161,15 @@ def test_soft_update_moves_by_exactly_tau():
     soft_update_(target, source, tau=1.0)
     for p in target.parameters():
         torch.testing.assert_close(p, torch.ones_like(p))
+
+
+def test_critic_prefers_compares_min_q_of_both_actions_and_ignores_invalid_rows():
+    def critic(features, action):  # Q1 peaks at 0.5, Q2 is Q1 - 0.1: min is Q2
+        q = -(action - 0.5).pow(2).sum(-1) + features.sum(-1)
+        return q, q - 0.1
+
+    features = torch.zeros(4, 3)
+    a_r = torch.tensor([[0.0], [0.0], [0.5], [0.0]])
+    a_v = torch.tensor([[0.4], [-0.4], [0.0], [float("nan")]])
+    mask = torch.tensor([True, True, True, False])
+    assert critic_prefers(critic, features, a_v, a_r, mask).tolist() == [True, False, False, False]

@@ -52,6 +52,31 @@ def grads(module: torch.nn.Module) -> list[torch.Tensor | None]:
     return [p.grad for p in module.parameters()]
 
 
+def test_q_filter_applies_the_prior_only_where_the_critic_prefers_it():
+    m = make_module()
+    batch = make_batch(batch_size=64, prior=True)
+    with torch.no_grad():
+        features = m.encoder(batch["obs"])
+        _, _, mean_action = m.actor(features)
+        q_v = torch.min(*m.critic(features, batch["prior"]))
+        q_r = torch.min(*m.critic(features, mean_action))
+    valid = batch["prior_mask"]
+    preferred = valid & (q_v > q_r)
+    assert 0 < preferred.sum() < valid.sum()  # the test needs both kinds of rows
+    torch.manual_seed(1)
+    _, unfiltered = m.actor_loss(batch, VLMPrior(batch["prior"], valid, 1.0, "none"))
+    torch.manual_seed(1)
+    _, filtered = m.actor_loss(batch, VLMPrior(batch["prior"], valid, 1.0, "q"))
+    expected = (batch["prior"][preferred] - mean_action[preferred]).pow(2).sum(-1).mean()
+    torch.testing.assert_close(filtered["prior_penalty"], expected)
+    share = preferred.sum() / valid.sum()
+    for metrics in (unfiltered, filtered):
+        torch.testing.assert_close(metrics["critic_prefers_prior"], share.float())
+    assert unfiltered["prior_accepted_frac"] == 1.0
+    torch.testing.assert_close(filtered["prior_accepted_frac"], share.float())
+    assert filtered["prior_penalty"] != unfiltered["prior_penalty"]
+
+
 # ---------------------------------------------------------------- gradient isolation
 def test_critic_loss_gives_grad_to_encoder_and_critic_only():
     m = make_module()

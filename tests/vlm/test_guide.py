@@ -8,7 +8,7 @@ import torch
 from tests.helpers import distinct_frames
 
 from covr_lightning.vlm.codecs import make_codec
-from covr_lightning.vlm.guide import Guide
+from covr_lightning.vlm.guide import VLMGuide
 from covr_lightning.vlm.module import VLMLoRAModule
 from covr_lightning.vlm.prompting import ActionPrompt, encode_sft_batch
 from covr_lightning.vlm.tiny import ensure_tiny_backbone
@@ -31,7 +31,7 @@ def overfit():
     ensure_tiny_backbone()  # built (and its RNG use done) before seeding: independent of test order
     torch.manual_seed(0)
     vlm = VLMLoRAModule("tiny-qwen2.5-vl", lora_rank=32, lora_alpha=64, lora_dropout=0.0, lr=5e-3)
-    guide = Guide(vlm, PROMPT, CODEC)
+    guide = VLMGuide(vlm, PROMPT, CODEC)
     before = guide.propose(FRAMES)
     targets = [CODEC.encode(a) for a in ACTIONS]
     batch = encode_sft_batch(vlm.processor, guide.prompt_text, FRAMES, targets, np.ones(8))
@@ -56,16 +56,16 @@ def test_overfitting_eight_pairs_makes_the_guide_answer_them(overfit):
 
 def test_chunked_generation_equals_one_batch(overfit):
     vlm, guide, _ = overfit
-    whole = Guide(vlm, PROMPT, CODEC, batch_size=32).generate_text(FRAMES)
-    chunked = Guide(vlm, PROMPT, CODEC, batch_size=3).generate_text(FRAMES)
-    alone = [Guide(vlm, PROMPT, CODEC).generate_text(f[None])[0] for f in FRAMES]
+    whole = VLMGuide(vlm, PROMPT, CODEC, batch_size=32).generate_text(FRAMES)
+    chunked = VLMGuide(vlm, PROMPT, CODEC, batch_size=3).generate_text(FRAMES)
+    alone = [VLMGuide(vlm, PROMPT, CODEC).generate_text(f[None])[0] for f in FRAMES]
     assert len(set(whole)) > 1  # the answers differ by frame, so the comparison means something
     assert whole == chunked == alone  # left padding must not change what a row generates
 
 
 def test_propose_returns_in_bound_actions_and_a_mask(untrained_vlm):
     codec = make_codec("numeric", [-1, -2, 0], [1, 2, 0.5])
-    guide = Guide(untrained_vlm, ActionPrompt("run", codec.describe()), codec)
+    guide = VLMGuide(untrained_vlm, ActionPrompt("run", codec.describe()), codec)
     actions, valid = guide.propose(distinct_frames(5))
     assert actions.shape == (5, 3) and actions.dtype == np.float32
     assert valid.shape == (5,) and valid.dtype == bool
@@ -76,14 +76,14 @@ def test_propose_returns_in_bound_actions_and_a_mask(untrained_vlm):
 
 
 def test_one_frame_is_a_batch_of_one(untrained_vlm, codec2, prompt2):
-    guide = Guide(untrained_vlm, prompt2, codec2)
+    guide = VLMGuide(untrained_vlm, prompt2, codec2)
     actions, valid = guide.propose(distinct_frames(1)[0])
     assert actions.shape == (1, 2) and valid.shape == (1,)
 
 
 def test_answer_budget_fits_the_longest_answer(untrained_vlm):
     codec = make_codec("numeric", -np.ones(6), np.ones(6))
-    guide = Guide(untrained_vlm, ActionPrompt("run", codec.describe()), codec)
+    guide = VLMGuide(untrained_vlm, ActionPrompt("run", codec.describe()), codec)
     longest = codec.encode(-np.ones(6) + 0.01)
     tokens = len(untrained_vlm.processor.tokenizer(longest)["input_ids"])
     assert guide.max_new_tokens >= tokens + 1
@@ -95,10 +95,10 @@ def test_answer_budget_fits_the_longest_answer(untrained_vlm):
 )
 def test_bad_frames_are_rejected(untrained_vlm, codec2, prompt2, frames):
     with pytest.raises(ValueError, match="uint8"):
-        Guide(untrained_vlm, prompt2, codec2).propose(frames)
+        VLMGuide(untrained_vlm, prompt2, codec2).propose(frames)
 
 
 def test_guiding_leaves_the_training_mode_alone(untrained_vlm, codec2, prompt2):
     untrained_vlm.train()
-    Guide(untrained_vlm, prompt2, codec2).propose(distinct_frames(1))
+    VLMGuide(untrained_vlm, prompt2, codec2).propose(distinct_frames(1))
     assert untrained_vlm.model.training

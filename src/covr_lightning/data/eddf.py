@@ -45,7 +45,7 @@ class EDDFStats:
 
     Attributes:
         mode: The filter mode.
-        tau: Threshold, in z units (``dynamic``, ``random``), raw-return units (``no_zscore``,
+        threshold: tau, in z units (``dynamic``, ``random``), raw-return units (``no_zscore``,
             ``top_k``: the q-th quantile).
         median: Median of the values the threshold is built on (z-scores or raw returns).
         iqr: Their interquartile range (75th minus 25th percentile).
@@ -56,7 +56,7 @@ class EDDFStats:
     """
 
     mode: str
-    tau: float
+    threshold: float
     median: float
     iqr: float
     entropy_scale: float

@@ -14,12 +14,15 @@ the rewards of the steps in between as well.
 
 Return signals g (``return_signal``, see ``docs/method.md``):
 
-- ``return_to_go`` (default): G_t = r_t + gamma G_{t+1} over the episode segment, computed by
-  :meth:`SFTDataModule.end_segment`. A terminated episode ends with bootstrap 0; a segment cut by
-  a time limit or by the end of a collection round is bootstrapped with the critic value the loop
-  passes in (or 0), and its rows are marked ``truncated``. Rows of a segment that has not ended
-  have NaN return-to-go, which EDDF never keeps: **the loop must call** :meth:`end_segment`
-  **for the open segment before** :meth:`build`.
+- ``return_to_go`` (default): the discounted mean reward to the end of the episode segment
+  (:func:`~covr_lightning.data.returns.discounted_mean_reward_to_go`), computed by
+  :meth:`SFTDataModule.end_segment`; a terminated segment counts its zero tail, a cut one (time
+  limit, end of a round; its rows are marked ``truncated``) averages the rewards it saw.
+- ``bootstrapped_return_to_go``: G_t = r_t + gamma G_{t+1}, bootstrapped with 0 at termination
+  and with the critic value the loop passes in at a cut.
+
+  Rows of a segment that has not ended have NaN return, which EDDF never keeps: **the loop must
+  call** :meth:`end_segment` **for the open segment before** :meth:`build`.
 - ``immediate_reward``: r_t.
 - ``q_value``: the critic's Q(s_t, a_t) at filter time, passed to :meth:`build` (one per row,
   in row order; :attr:`replay_indices` says where each row's transition lives in the replay).
@@ -53,7 +56,11 @@ from torch.utils.data import DataLoader
 from covr_lightning.data.array_dir import load_array_dir, read_meta, save_array_dir
 from covr_lightning.data.eddf import EDDFMode, EntropySign
 from covr_lightning.data.ralw import RALWMode
-from covr_lightning.data.returns import ReturnSignal, discounted_return_to_go
+from covr_lightning.data.returns import (
+    ReturnSignal,
+    discounted_mean_reward_to_go,
+    discounted_return_to_go,
+)
 from covr_lightning.data.sft_build import BuiltSet, Collate, build_examples, signal_values
 from covr_lightning.data.sft_checkpoint import (
     FORMAT_VERSION,
@@ -84,7 +91,8 @@ class SFTDataModule(lightning.LightningDataModule):
         gamma: Discount of the return-to-go, in [0, 1]; None (the recipe default) takes the
             policy's gamma when the builder (:mod:`covr_lightning.build`) makes this module, else
             0.99.
-        return_signal: g used by EDDF and RALW: ``return_to_go``, ``immediate_reward`` or
+        return_signal: g used by EDDF and RALW: ``return_to_go`` (discounted mean reward to
+            go), ``bootstrapped_return_to_go`` (the plain return-to-go), ``immediate_reward`` or
             ``q_value``.
         eddf_mode: ``dynamic`` (EDDF), or the ablations ``random``, ``top_k``, ``no_zscore``.
         eddf_sign: Entropy convention of s(H): ``intent`` (sigmoid(-H/T)) or ``literal``.
@@ -198,8 +206,9 @@ class SFTDataModule(lightning.LightningDataModule):
         """Close a stream's open episode segment and give each of its rows its return-to-go.
 
         Args:
-            bootstrap: Value of the state after the last step: 0 for a terminated episode, the
-                critic's value (or 0) for a segment cut by a time limit or the end of the round.
+            bootstrap: Value of the state after the last step (``bootstrapped_return_to_go``
+                only): 0 for a terminated episode, the critic's value (or 0) for a segment cut
+                by a time limit or the end of the round.
             truncated: True when the segment was cut rather than terminated; its rows are marked.
             stream: Which env's segment (0 with one env).
 
@@ -209,7 +218,10 @@ class SFTDataModule(lightning.LightningDataModule):
         rows = np.asarray(self._segment_rows.pop(int(stream), []), dtype=np.int64)
         if not rewards:
             return
-        returns = discounted_return_to_go(np.asarray(rewards), self.gamma, float(bootstrap))
+        if self.return_signal == "return_to_go":
+            returns = discounted_mean_reward_to_go(np.asarray(rewards), self.gamma, not truncated)
+        else:
+            returns = discounted_return_to_go(np.asarray(rewards), self.gamma, float(bootstrap))
         fields = self._rows.fields
         fields["returns"][rows] = returns[fields["segment_steps"][rows]]
         fields["truncated"][rows] = bool(truncated)

@@ -53,7 +53,8 @@ def signal_values(
     """g of every row of D_f under the chosen return signal (a fresh float64 array).
 
     Args:
-        return_signal: ``return_to_go``, ``immediate_reward`` or ``q_value``.
+        return_signal: ``return_to_go``, ``bootstrapped_return_to_go``, ``immediate_reward`` or
+            ``q_value``.
         rewards: ``(N,)`` immediate rewards.
         returns: ``(N,)`` returns-to-go (NaN for rows of open segments).
         q_values: ``(N,)`` critic Q(s, a) per row; needed only for ``q_value``.

@@ -39,11 +39,13 @@ from jsonargparse import Namespace
 from covr_lightning.config import COVRConfig
 from covr_lightning.data.sft import SFTDataModule
 from covr_lightning.errors import ConfigError, TrainingDivergedError
+from covr_lightning.guides.base import Guide
+from covr_lightning.loop.episodes import run_vlm_episodes
 from covr_lightning.loop.rl_loop import RLLoop, RLParts
-from covr_lightning.loop.rng import FINE_TUNE, vlm_stream
+from covr_lightning.loop.rng import FINE_TUNE, VLM_EVAL, vlm_stream
 from covr_lightning.loop.schedule import Round, plan_rounds, schedule_table
 from covr_lightning.vlm.codecs import NumericCodec, PhraseCodec
-from covr_lightning.vlm.guide import Guide
+from covr_lightning.vlm.guide import VLMGuide
 from covr_lightning.vlm.module import VLMLoRAModule
 
 SFT_DIR = "sft"
@@ -57,7 +59,9 @@ class COVRParts:
     Attributes:
         vlm: The VLM with its LoRA adapter (eval mode).
         codec: The env's action codec (action <-> text).
-        guide: Turns frames into priors a_v (and validity flags).
+        guide: The prior source (``guide`` recipe section; default the VLM guide).
+        vlm_guide: The VLM as a guide, for ``vlm/eval_return`` (the same object as ``guide``
+            when the VLM guides).
         sft: D_f: rows and rewards of the agent's experience, filtered and weighted per round.
         collate: Turns SFT examples into the VLM's token batches.
     """
@@ -65,6 +69,7 @@ class COVRParts:
     vlm: VLMLoRAModule
     codec: NumericCodec | PhraseCodec
     guide: Guide
+    vlm_guide: VLMGuide
     sft: SFTDataModule
     collate: Callable
 
@@ -98,6 +103,7 @@ class COVRLoop(RLLoop):
         self.vlm = covr_parts.vlm
         self.codec = covr_parts.codec
         self.guide = covr_parts.guide
+        self.vlm_guide = covr_parts.vlm_guide
         self.sft = covr_parts.sft
         self.collate = covr_parts.collate
         total = int(cfg.run.total_env_steps)
@@ -106,10 +112,12 @@ class COVRLoop(RLLoop):
         )
         n = parts.envs.num_envs
         action_dim = int(parts.eval_env.action_space.shape[0])
+        self.action_dim = action_dim
         self.steps_since_query = [0] * n  # per env: frames since its last guide query
         self.prior_action = np.zeros((n, action_dim), np.float32)  # a_v of each env's last query
         self.prior_valid = np.zeros(n, dtype=bool)
         self._vlm_frames: list[np.ndarray | None] = [None] * n  # this step's renders, if any
+        self._queried = np.zeros(n, dtype=bool)  # which envs asked the guide at this step
         self._guide_seconds = 0.0
         self._prior_distances: list[float] = []
         self.phase_seconds = {"rl": 0.0, "vlm": 0.0}
@@ -136,6 +144,8 @@ class COVRLoop(RLLoop):
             f"({100 * vlm.trainable_share:.2f} %)"
         )
         self.tracker.log_metrics({"vlm/trainable_share": vlm.trainable_share}, step=self.env_steps)
+        if self.env_steps == 0 and self.covr.vlm_eval_episodes:  # the VLM before any fine-tune
+            self.progress.log(f"VLM alone before fine-tuning: {self._evaluate_vlm(-1)}")
         while self.round_index < len(self.rounds):
             current = self.rounds[self.round_index]
             if self.phase == "rl":
@@ -153,6 +163,7 @@ class COVRLoop(RLLoop):
     def _rl_phase(self, current: Round) -> None:
         guided = current.guided
         self.module.prior_weight = self.covr.prior_weight if guided else 0.0
+        self.module.prior_filter = self.covr.prior_filter
         label = f"round {current.index} RL{' + guidance' if guided else ''}"
         self.progress.set_description(label)
         self.tracker.log_metrics(
@@ -173,32 +184,56 @@ class COVRLoop(RLLoop):
                 bootstrap=self._state_value(self.lane_obs[lane]), truncated=True, stream=lane
             )
         metrics = self.sft.build(
-            entropy=self.module.policy_entropy,
+            entropy=self.entropy_per_dimension(),
             encode_target=self.codec.encode,
             collate=self.collate,
             q_values=self._q_values_of_rows() if self.sft.return_signal == "q_value" else None,
         )
+        vlm_line = "no fine-tune (no SFT example left)"
         if self.sft.num_examples > 0:
             with vlm_stream(self.run.seed, FINE_TUNE, current.index):  # not the agent's streams
                 metrics.update(self.fine_tune())
             folder = self.vlm.save_adapter(self.run_dir / "adapters" / f"round_{current.index}")
             self.tracker.log_artifact(folder, artifact_path=f"adapters/round_{current.index}")
-        else:
-            self.progress.log(
-                f"round {current.index}: EDDF kept none of {len(self.sft)} rows; no fine-tune "
-                "this round"
+            vlm_line = (
+                f"{int(metrics['vlm/sft_steps'])} SFT steps, loss {metrics['vlm/sft_loss']:.3f}"
             )
+            if self.covr.vlm_eval_episodes:
+                vlm_line += f"; VLM alone: {self._evaluate_vlm(current.index)}"
+        else:
+            metrics["vlm/sft_steps"] = 0.0
         self.sft.clear()
         elapsed = time.perf_counter() - start
         self.phase_seconds["vlm"] += elapsed
         metrics["time/vlm_phase_s"] = elapsed
         self.tracker.log_metrics(metrics, step=self.env_steps)
-        if "vlm/sft_loss" in metrics:
-            self.progress.log(
-                f"round {current.index} fine-tune: {int(metrics['sft/rows_out'])} of "
-                f"{int(metrics['sft/rows_in'])} rows, loss {metrics['vlm/sft_loss']:.3f}, "
-                f"{elapsed:.1f} s"
+        self.progress.log(
+            f"round {current.index} VLM: D_f {int(metrics['sft/rows_in'])} rows -> EDDF kept "
+            f"{int(metrics['sft/rows_kept'])} (tau {metrics['eddf/threshold']:.2f}, "
+            f"s(H) {metrics['eddf/entropy_scale']:.2f}) -> RALW weighted "
+            f"{int(metrics['sft/rows_out'])}; {vlm_line} ({elapsed:.1f} s)"
+        )
+
+    def _evaluate_vlm(self, round_index: int) -> str:
+        """Log ``vlm/eval_return``: the VLM acting alone on the evaluation episodes."""
+        with vlm_stream(self.run.seed, VLM_EVAL, round_index + 1):
+            result, invalid = run_vlm_episodes(
+                self.eval_env,
+                self.vlm_guide,
+                self.covr.vlm_eval_episodes,
+                self.eval_seed,
+                self.covr.vlm_image_size,
+                self.covr.guide_every,
             )
+        self.tracker.log_metrics(
+            {
+                "vlm/eval_return": result.mean,
+                "vlm/eval_return_std": result.std,
+                "vlm/eval_invalid_rate": invalid,
+            },
+            step=self.env_steps,
+        )
+        return f"return {result.mean:.1f} +- {result.std:.1f}, {100 * invalid:.0f} % unreadable"
 
     def fine_tune(self) -> dict[str, float]:
         """LoRA-fine-tune the VLM on the built SFT set; mean metrics of the round."""
@@ -208,9 +243,13 @@ class COVRLoop(RLLoop):
         trainable = [p for group in optimizer.param_groups for p in group["params"]]
         vlm.train()
         sums: dict[str, float] = {}
-        steps = 0
+        steps = passes = 0
+        capped = False
         try:
-            for _ in range(covr.sft_epochs):
+            # sft_epochs passes, repeated until sft_min_steps (a floor, so a round with few kept
+            # rows still trains), never past sft_max_steps.
+            while not capped and (passes < covr.sft_epochs or steps < covr.sft_min_steps):
+                passes += 1
                 for batch in self.sft.train_dataloader():
                     batch = {k: v.to(device) for k, v in batch.items()}
                     loss = vlm.training_step(batch, steps)
@@ -228,10 +267,9 @@ class COVRLoop(RLLoop):
                     for key, value in vlm.last_metrics.items():
                         sums[key] = sums.get(key, 0.0) + value
                     steps += 1
-                    if covr.sft_max_steps and steps >= covr.sft_max_steps:
+                    capped = bool(covr.sft_max_steps) and steps >= covr.sft_max_steps
+                    if capped:
                         break
-                if covr.sft_max_steps and steps >= covr.sft_max_steps:
-                    break
         finally:
             vlm.eval()
             if covr.release_vlm_memory:
@@ -239,7 +277,8 @@ class COVRLoop(RLLoop):
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
         metrics = {key: value / max(steps, 1) for key, value in sums.items()}
-        metrics["vlm/sft_steps"] = steps
+        metrics["vlm/sft_steps"] = float(steps)
+        metrics["vlm/sft_passes"] = float(passes)
         return metrics
 
     # ------------------------------------------------------------------ per step
@@ -262,11 +301,12 @@ class COVRLoop(RLLoop):
             frames = self.envs.render(size, size)
             for lane in np.flatnonzero(needed):
                 self._vlm_frames[lane] = frames[lane]
-        ask = query & (self.module.prior_weight > 0)  # guided round: ask the VLM
+        ask = query & (self.module.prior_weight > 0)  # guided round: ask the guide
+        self._queried = ask
         if ask.any():
             lanes = np.flatnonzero(ask)
             start = time.perf_counter()
-            actions, valid = self.guide.propose(frames[lanes])
+            actions, valid = self.guide.propose(frames[lanes], obs[lanes])
             self._guide_seconds += time.perf_counter() - start
             self.prior_action[lanes] = actions
             self.prior_valid[lanes] = valid
@@ -279,8 +319,14 @@ class COVRLoop(RLLoop):
         return actions
 
     def transition_extras(self, lane: int) -> dict[str, Any]:
-        """Env ``lane``'s current prior and its mask (invalid, or not yet guided: mask 0)."""
+        """Env ``lane``'s current prior and its mask.
+
+        Mask 0 when invalid, before guidance, and (``prior_scope: query``) on every transition
+        but the one whose frame the guide answered.
+        """
         guided = self.module.prior_weight > 0 and bool(self.prior_valid[lane])
+        if self.covr.prior_scope == "query":
+            guided = guided and bool(self._queried[lane])
         return {"prior": self.prior_action[lane], "prior_mask": np.float32(guided)}
 
     def after_step(self, lane, action, reward, next_obs, terminated, truncated) -> None:
@@ -292,7 +338,7 @@ class COVRLoop(RLLoop):
                 frame=frame,
                 action=np.asarray(action, np.float32),
                 replay_index=int(self.replay.last_transition_id),
-                entropy=self.module.policy_entropy,
+                entropy=self.entropy_per_dimension(),
                 stream=lane,
             )
         else:
@@ -301,6 +347,16 @@ class COVRLoop(RLLoop):
             self.sft.end_segment(bootstrap=0.0, stream=lane)
         elif truncated:
             self.sft.end_segment(bootstrap=self._state_value(next_obs), truncated=True, stream=lane)
+
+    def entropy_per_dimension(self) -> float:
+        """H_t of EDDF: the policy's entropy (mean -log pi) per action dimension, in nats.
+
+        SAC's temperature holds the summed entropy near its target -|A|, so s(H) = sigmoid(-H)
+        of the sum sits at ~1 for a 6-dimensional action the whole run; per dimension, the
+        target is -1 for every task and s(H) moves from ~0.35 (the untrained policy) towards
+        sigmoid(1) = 0.73 as the policy settles (docs/method.md, "EDDF's entropy").
+        """
+        return self.module.policy_entropy / self.action_dim
 
     def _is_row_step(self, lane: int) -> bool:
         """Whether env ``lane``'s step just taken stores a D_f row (its counter moved on)."""
@@ -325,6 +381,12 @@ class COVRLoop(RLLoop):
         if metrics:
             self.tracker.log_metrics(metrics, step=self.env_steps)
         super().log_train_metrics()
+
+    def metric_name(self, key: str) -> str:
+        """The prior's update metrics go with the guide's (``guide/critic_prefers_prior``, ...)."""
+        if key.startswith("prior_") or key == "critic_prefers_prior":
+            return f"guide/{key}"
+        return super().metric_name(key)
 
     # ------------------------------------------------------------------ critic values
 

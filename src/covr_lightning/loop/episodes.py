@@ -78,6 +78,7 @@ def run_episodes(
     seed: int,
     record: bool = False,
     video_size: int = 256,
+    on_reset: Callable[[], None] | None = None,
 ) -> EpisodeResults:
     """Run ``episodes`` whole episodes of ``act`` on ``env``.
 
@@ -89,6 +90,8 @@ def run_episodes(
         record: Keep ``env.render(video_size, video_size)`` frames of the first episode: after the
             reset and after every agent step.
         video_size: Side of the recorded frames.
+        on_reset: Called after each episode's reset (an actor with memory, such as
+            :class:`HeldVLMActor`, starts over).
 
     Returns:
         The returns, the episode lengths, the env's episode metrics and the frames.
@@ -99,6 +102,8 @@ def run_episodes(
     for index in range(episodes):
         keep = record and index == 0
         obs, info = env.reset(seed=episode_seed(seed, index))
+        if on_reset is not None:
+            on_reset()
         if keep:
             result.frames.append(env.render(video_size, video_size))
         done, total, steps = False, 0.0, 0
@@ -114,3 +119,51 @@ def run_episodes(
         result.returns.append(total)
         result.agent_steps.append(steps)
     return result
+
+
+class HeldVLMActor:
+    """The VLM as the policy: it answers every ``every`` frames and its action is held between.
+
+    The same cadence as guidance (``covr.guide_every``), so ``vlm/eval_return`` measures the
+    prior the agent is given, acted out alone. An unreadable answer still acts (the codec's
+    decode is total: in-bounds, neutral where unread) and is counted in :attr:`invalid`.
+
+    Args:
+        env: The env whose current view the VLM reads (``env.render(size, size)``).
+        guide: A :class:`~covr_lightning.vlm.guide.VLMGuide` (its ``act(frames)``).
+        image_size: Side of the render the VLM reads (``covr.vlm_image_size``).
+        every: Frames between queries.
+    """
+
+    def __init__(self, env: PixelEnv, guide, image_size: int, every: int) -> None:
+        self.env, self.guide, self.image_size, self.every = env, guide, image_size, every
+        self.queries = self.invalid = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """A new episode: the next frame is a query frame."""
+        self.step = 0
+        self.action: np.ndarray | None = None
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        if self.step % self.every == 0 or self.action is None:
+            frame = self.env.render(self.image_size, self.image_size)
+            actions, valid = self.guide.act(frame[None])
+            self.action = actions[0]
+            self.queries += 1
+            self.invalid += int(not valid[0])
+        self.step += 1
+        return self.action
+
+
+def run_vlm_episodes(
+    env: PixelEnv, guide, episodes: int, seed: int, image_size: int, every: int
+) -> tuple[EpisodeResults, float]:
+    """``episodes`` episodes of the VLM acting alone (:class:`HeldVLMActor`).
+
+    Returns:
+        The results and the share of the VLM's answers that could not be read.
+    """
+    actor = HeldVLMActor(env, guide, image_size, every)
+    result = run_episodes(env, actor, episodes, seed, on_reset=actor.reset)
+    return result, actor.invalid / max(actor.queries, 1)

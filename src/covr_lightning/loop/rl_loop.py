@@ -378,13 +378,17 @@ class RLLoop:
 
     def log_train_metrics(self) -> None:
         """Log the window's mean update metrics and throughput at the current env step."""
-        metrics = {f"rl/{key}": value for key, value in self._means.pop().items()}
+        metrics = {self.metric_name(key): value for key, value in self._means.pop().items()}
         metrics["perf/env_steps_per_s"] = self.progress.env_steps_per_second
         if self._updates_in_window:
             metrics["perf/update_ms"] = 1000 * self._update_seconds / self._updates_in_window
         self._update_seconds, self._updates_in_window = 0.0, 0
         self.tracker.log_metrics(metrics, step=self.env_steps)
         self.next_log_at = next_multiple(self.env_steps, self.run.log_every_env_steps)
+
+    def metric_name(self, key: str) -> str:
+        """MLflow name of an update metric (``rl/<key>``)."""
+        return f"rl/{key}"
 
     # ------------------------------------------------------------------ evaluation
 

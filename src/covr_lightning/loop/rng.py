@@ -19,6 +19,10 @@ VLM_BUILD = 0
 """Purpose id of the VLM's construction."""
 FINE_TUNE = 1
 """Purpose id of a fine-tune (combined with the round index)."""
+GUIDE = 2
+"""Purpose id of a guide's own generator (noise of a policy guide, draws of a uniform one)."""
+VLM_EVAL = 3
+"""Purpose id of the VLM-as-policy evaluation (combined with the round index)."""
 
 
 def stream_seed(run_seed: int, *purpose: int) -> int:

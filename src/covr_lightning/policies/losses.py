@@ -19,6 +19,7 @@ from torch import Tensor, nn
 __all__ = [
     "actor_loss",
     "critic_loss",
+    "critic_prefers",
     "soft_q_target",
     "soft_update_",
     "squashed_gaussian_log_prob",
@@ -149,6 +150,32 @@ def vlm_prior_penalty(a_v: Tensor, a_r: Tensor, mask: Tensor) -> Tensor:
     # P = sum_b m_b ||a_v,b - a_r,b||^2 / max(1, sum_b m_b)
     sq = (a_v - a_r).pow(2).sum(dim=-1)
     return sq.sum() / valid.sum().clamp_min(1).to(sq.dtype)
+
+
+def critic_prefers(
+    critic: nn.Module, features: Tensor, a_v: Tensor, a_r: Tensor, mask: Tensor
+) -> Tensor:
+    """Rows where the critic values the prior's action above the actor's: the Q-filter's test.
+
+    Nair et al. (2018, "Overcoming Exploration in RL with Demonstrations") apply a behaviour-
+    cloning term only where Q(s, a_demo) > Q(s, pi(s)); here the demonstration is a_v.
+
+    Args:
+        critic: ``critic(features, action) -> (Q1, Q2)``, each ``(B,)``.
+        features: ``(B, F)`` encoded states.
+        a_v: ``(B, A)`` prior actions (rows outside ``mask`` may hold anything, even NaN).
+        a_r: ``(B, A)`` the actor's (mean) actions.
+        mask: ``(B,)`` rows with a valid a_v.
+
+    Returns:
+        ``(B,)`` bool: ``mask & (min(Q1, Q2)(s, a_v) > min(Q1, Q2)(s, a_r))``.
+    """
+    valid = mask.to(torch.bool)
+    a_v = torch.where(valid.unsqueeze(-1), a_v.to(a_r.dtype), a_r)
+    # Both actions in one critic pass: (2B, F) x (2B, A).
+    q1, q2 = critic(torch.cat([features, features]), torch.cat([a_v, a_r]))
+    q_v, q_r = torch.min(q1, q2).chunk(2)
+    return valid & (q_v > q_r)
 
 
 @torch.no_grad()

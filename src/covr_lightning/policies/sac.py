@@ -34,7 +34,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning
 import numpy as np
@@ -64,11 +64,14 @@ class VLMPrior:
         action: ``(B, A)`` VLM action a_v in [-1, 1].
         mask: ``(B,)`` bool or 0/1 float; rows whose VLM answer parsed.
         weight: lambda (1.0 DMC, 2.0 CARLA in the paper).
+        filter: ``none`` (the paper: every valid row) or ``q`` (only rows where the critic values
+            a_v above the actor's mean action, Nair et al. 2018's Q-filter).
     """
 
     action: Tensor
     mask: Tensor
     weight: float
+    filter: Literal["none", "q"] = "none"
 
 
 @contextmanager
@@ -181,6 +184,7 @@ class SACPolicyModule(lightning.LightningModule):
         self.log_alpha = nn.Parameter(torch.tensor(math.log(init_temperature)))
 
         self.prior_weight: float = 0.0  # lambda; set by the COVR loop (not checkpointed here)
+        self.prior_filter: Literal["none", "q"] = "none"  # covr.prior_filter; set by the loop
         self.update_step: int = 0  # training_step calls; in state_dict via get_extra_state
         self.standalone_optimizers: list[torch.optim.Optimizer] | None = None
         self._policy_entropy: Tensor | None = None
@@ -342,7 +346,10 @@ class SACPolicyModule(lightning.LightningModule):
         Returns:
             ``(loss, metrics)``; metrics are detached scalars ``actor_loss``, ``log_pi`` (mean),
             ``entropy`` (mean of -log pi), ``actor_q_mean`` and, with a prior,
-            ``prior_penalty`` and ``prior_valid_frac``.
+            ``prior_penalty``, ``prior_valid_frac`` (rows with a valid a_v),
+            ``critic_prefers_prior`` (of those, the share where min Q(s, a_v) > min Q(s, tanh(mu)))
+            and ``prior_accepted_frac`` (of those, the share the prior term applied to: all
+            under filter ``none``, the preferred ones under ``q``).
         """
         with torch.no_grad():
             features = self.encoder(batch["obs"])  # detached: the actor never trains the encoder
@@ -357,11 +364,20 @@ class SACPolicyModule(lightning.LightningModule):
             "actor_q_mean": torch.min(q1, q2).detach().mean(),
         }
         if prior is not None:
-            # L = L_pi + lambda * P(a_v, tanh(mu))
-            penalty = losses.vlm_prior_penalty(prior.action, mean_action, prior.mask)
+            valid = prior.mask.detach().to(torch.bool)
+            with torch.no_grad():
+                preferred = losses.critic_prefers(
+                    self.critic, features, prior.action, mean_action.detach(), valid
+                )
+            applied = valid & preferred if prior.filter == "q" else valid
+            # L = L_pi + lambda * P(a_v, tanh(mu)) over the applied rows
+            penalty = losses.vlm_prior_penalty(prior.action, mean_action, applied)
             loss = loss + prior.weight * penalty
+            n_valid = valid.sum().clamp_min(1).float()
             metrics["prior_penalty"] = penalty.detach()
-            metrics["prior_valid_frac"] = prior.mask.detach().float().mean()
+            metrics["prior_valid_frac"] = valid.float().mean()
+            metrics["critic_prefers_prior"] = (valid & preferred).sum().float() / n_valid
+            metrics["prior_accepted_frac"] = applied.sum().float() / n_valid
         metrics["actor_loss"] = loss.detach()
         return loss, metrics
 
@@ -415,7 +431,9 @@ class SACPolicyModule(lightning.LightningModule):
         if step % self.actor_update_every == 0:
             prior = None
             if self.prior_weight > 0 and "prior" in batch and "prior_mask" in batch:
-                prior = VLMPrior(batch["prior"], batch["prior_mask"], float(self.prior_weight))
+                prior = VLMPrior(
+                    batch["prior"], batch["prior_mask"], float(self.prior_weight), self.prior_filter
+                )
             # Actor loss -> actor_opt (actor only).
             loss, m = self.actor_loss(batch, prior)
             actor_opt.zero_grad(set_to_none=True)

@@ -1,6 +1,6 @@
-"""Guidance: frames in, action priors a_v out.
+"""The VLM guide (the paper's): frames in, action priors a_v out.
 
-:meth:`Guide.propose` renders the task prompt once, runs batched greedy generation (no gradients,
+:meth:`VLMGuide.propose` renders the task prompt once, runs batched greedy generation (no gradients,
 KV cache on, a short ``max_new_tokens`` sized from the codec's longest answer), and decodes each
 answer with the action codec. ``decode`` is total, so every row gets an in-bounds action; rows the
 codec could not read come back with ``valid = False`` and are counted, and the COVR loop masks them
@@ -15,11 +15,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from covr_lightning.guides.base import Guide, GuideContext
 from covr_lightning.vlm.prompting import ActionPrompt, target_token_ids
 
 
-class Guide:
-    """Turns frames into VLM action priors.
+class VLMGuide(Guide):
+    """Turns frames into VLM action priors (the policy's observations are not used).
 
     Args:
         vlm: The :class:`~covr_lightning.vlm.module.VLMLoRAModule` (its model and processor).
@@ -37,14 +38,24 @@ class Guide:
         max_new_tokens: int | None = None,
         batch_size: int = 32,
     ) -> None:
+        super().__init__()
         self.vlm = vlm
         self.prompt = prompt
         self.codec = codec
         self.batch_size = batch_size
         self.prompt_text = prompt.render(vlm.processor)
         self.max_new_tokens = max_new_tokens or self._answer_budget()
-        self.queries = 0
-        self.invalid = 0
+
+    @classmethod
+    def build(cls, context: GuideContext) -> VLMGuide:
+        """The run's VLM, prompt and codec; ``covr.max_new_tokens`` and ``covr.guide_batch_size``."""
+        return cls(
+            context.vlm,
+            context.prompt,
+            context.codec,
+            max_new_tokens=context.max_new_tokens or None,
+            batch_size=context.batch_size,
+        )
 
     def _answer_budget(self) -> int:
         """Tokens of the longest answer the codec writes (both bounds, negative numbers) + slack."""
@@ -78,32 +89,14 @@ class Guide:
             model.train(was_training)
         return answers
 
-    def propose(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Action priors for a batch of frames.
-
-        Args:
-            frames: uint8 RGB ``(B, H, W, 3)`` (channels last, as the VLM's image processor
-                expects), or one frame ``(H, W, 3)``.
-
-        Returns:
-            ``a_v`` float32 ``(B, A)`` inside the action bounds and ``valid`` bool ``(B,)``.
-        """
-        frames = np.asarray(frames)
-        if frames.ndim == 3:
-            frames = frames[None]
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise ValueError(
-                f"frames must be uint8 (B, H, W, 3), got {frames.dtype} {frames.shape}"
-            )
+    def _propose(self, frames: np.ndarray, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         decoded = [self.codec.decode(text) for text in self.generate_text(frames)]
         actions = np.stack([action for action, _ in decoded]).astype(np.float32)
-        valid = np.array([ok for _, ok in decoded], dtype=bool)
-        self.queries += len(valid)
-        self.invalid += int((~valid).sum())
-        return actions, valid
+        return actions, np.array([ok for _, ok in decoded], dtype=bool)
 
-    def pop_invalid_rate(self) -> float | None:
-        """Share of invalid answers since the last call (None without queries); resets counters."""
-        rate = self.invalid / self.queries if self.queries else None
-        self.queries = self.invalid = 0
-        return rate
+    def act(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The VLM as a policy: greedy actions for uint8 ``frames`` ``(B, H, W, 3)``.
+
+        Not counted in :attr:`queries` / :attr:`invalid` (those describe guidance).
+        """
+        return self._propose(np.asarray(frames), np.zeros((len(frames), 0), np.float32))
