@@ -41,6 +41,8 @@ def test_value_at_env_step_is_the_last_logged_at_or_before():
     assert run.at(399) is None
     assert run.at(400) == 1.0 and run.at(799) == 1.0 and run.at(5000) == 2.0
     assert run.final() == 2.0
+    assert run.auc() == pytest.approx(1.5)  # a straight line from 1 to 2
+    assert RunCurve("id", "n", {}, np.array([0.0]), np.array([4.0])).auc() == 4.0
 
 
 def test_grouping_and_paper_numbers():
@@ -95,10 +97,12 @@ def test_compare_over_a_real_tiny_seed_sweep(workdir, capsys):
     rows = list(csv.DictReader((out / "comparison.csv").open()))
     assert [(r["run.name"], r["covr.enabled"], r["at"]) for r in rows] == [
         ("q", "False", "final"),
+        ("q", "False", "auc"),
         ("q", "False", "200"),
         ("q", "False", "400"),
     ]
-    final = rows[0]
+    final, auc = rows[0], rows[1]
+    rows = [final, *rows[2:]]
     histories = _eval_histories("covr-quickstart")
     assert set(histories) == {"q-seed1", "q-seed2"}
     assert int(final["n"]) == 2
@@ -110,6 +114,11 @@ def test_compare_over_a_real_tiny_seed_sweep(workdir, capsys):
     assert float(rows[1]["mean"]) == pytest.approx(np.mean(at_200))
     assert float(rows[2]["mean"]) == pytest.approx(float(final["mean"]))
     assert final["paper"].startswith("237 (SAC")  # cartpole swingup, pixel SAC alone
+    areas = [
+        np.trapezoid([v for _, v in h], [s for s, _ in h]) / (h[-1][0] - h[0][0])
+        for h in histories.values()
+    ]
+    assert float(auc["mean"]) == pytest.approx(np.mean(areas))
     assert "| q | False | final |" in (out / "comparison.md").read_text()
 
 

@@ -78,18 +78,21 @@ def group_runs(curves: list[RunCurve], group_by: list[str]) -> list[Group]:
 def comparison_rows(
     groups: list[Group], group_by: list[str], at_env_steps: list[int]
 ) -> list[dict[str, Any]]:
-    """One row per group and point (``final``, then each chosen env step)."""
+    """One row per group and point (``final``, ``auc``, then each chosen env step)."""
     rows = []
     for group in groups:
         paper = group.paper()
-        points: list[tuple[str, list[float]]] = [("final", [r.final() for r in group.runs])]
+        points: list[tuple[str, list[float]]] = [
+            ("final", [r.final() for r in group.runs]),
+            ("auc", [r.auc() for r in group.runs]),
+        ]
         for step in at_env_steps:
             vals = [v for r in group.runs if (v := r.at(step)) is not None]
             points.append((str(step), vals))
         for label, vals in points:
             row: dict[str, Any] = dict(zip(group_by, group.key, strict=True))
             row["at"] = label
-            if label == "final":
+            if label in ("final", "auc"):
                 row["env_steps"] = "/".join(sorted({f"{int(r.steps[-1])}" for r in group.runs}))
             else:
                 row["env_steps"] = label
@@ -119,7 +122,9 @@ def write_comparison(
         write_csv(rows, out / "comparison.csv")
         notes = (
             f"{len(curves)} runs in {len(groups)} groups by {', '.join(group_by)}. `final`: each "
-            "run's last value; an env step: each run's value at its last logged step <= it. "
+            "run's last value; `auc`: each run's area under its curve divided by its env-step "
+            "span (the mean value over training); an env step: each run's value at its last "
+            "logged step <= it. "
             "std: sample (ddof=1); IQM: 25 % trimmed mean with a stratified bootstrap 95 % CI "
             f"across runs (rliable, {BOOTSTRAP_REPS} reps). paper: the paper's number for the "
             "task and base (at its own budget)."

@@ -21,6 +21,14 @@ class RunCurve:
         """The last logged value."""
         return float(self.values[-1])
 
+    def auc(self) -> float:
+        """Area under the curve over its env-step span, divided by that span: the mean value over
+        training (trapezoids between logged steps); the single value for a one-point curve."""
+        if len(self.steps) < 2:
+            return float(self.values[-1])
+        area = float(np.sum(np.diff(self.steps) * (self.values[1:] + self.values[:-1]) / 2))
+        return area / float(self.steps[-1] - self.steps[0])
+
     def at(self, env_step: float) -> float | None:
         """Value at the last logged step <= ``env_step``; ``None`` before the first step."""
         index = int(np.searchsorted(self.steps, env_step, side="right")) - 1
