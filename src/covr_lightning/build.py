@@ -185,19 +185,13 @@ def build_covr_parts(cfg: Namespace, env: PixelEnv, policy: SACPolicyModule, dev
     with vlm_stream(cfg.run.seed, VLM_BUILD):  # the agent's random streams stay its own
         vlm = build_vlm(cfg, device)
     space = env.action_space
-    codec = make_codec(covr.codec or env.codec_kind, space.low, space.high)
-    task = covr.task or env.task_description
-    if not task:
-        raise ConfigError(
-            f"env {type(env).__name__} has no task_description for the VLM prompt",
-            "set covr.task to a sentence describing the task",
-        )
+    codec, prompt = build_codec_and_prompt(covr, env)
     context = GuideContext(
         action_low=space.low,
         action_high=space.high,
         seed=stream_seed(cfg.run.seed, GUIDE),
         vlm=vlm,
-        prompt=ActionPrompt(task, codec.describe()),
+        prompt=prompt,
         codec=codec,
         max_new_tokens=covr.max_new_tokens,
         batch_size=covr.guide_batch_size,
@@ -223,6 +217,23 @@ def build_covr_parts(cfg: Namespace, env: PixelEnv, policy: SACPolicyModule, dev
         sft=sft,
         collate=partial(encode_sft_batch, vlm.processor, vlm_guide.prompt_text),
     )
+
+
+def build_codec_and_prompt(covr: COVRConfig, env: PixelEnv) -> tuple[Any, ActionPrompt]:
+    """The env's action codec (or ``covr.codec``) and the task prompt (``covr.task`` or the env's).
+
+    Raises:
+        ConfigError: The env has no task description and ``covr.task`` is empty.
+    """
+    space = env.action_space
+    codec = make_codec(covr.codec or env.codec_kind, space.low, space.high)
+    task = covr.task or env.task_description
+    if not task:
+        raise ConfigError(
+            f"env {type(env).__name__} has no task_description for the VLM prompt",
+            "set covr.task to a sentence describing the task",
+        )
+    return codec, ActionPrompt(task, codec.describe())
 
 
 def build_guide(cfg: Namespace, context: GuideContext) -> Guide:
@@ -376,3 +387,30 @@ def build_trained_policy(saved: SavedRun, env: PixelEnv, device: str = "cpu") ->
     fix = f"restore {saved.run_dir / 'config.yaml'} as the run wrote it"
     ckpt.load_policy_state(policy, saved.state, saved.checkpoint, fix)
     return policy.to(device).eval()
+
+
+def build_trained_vlm_guide(saved: SavedRun, env: PixelEnv, device: str = "cpu") -> VLMGuide:
+    """The run's VLM with the checkpoint's LoRA adapter, as a guide (``evaluate --vlm``).
+
+    Raises:
+        ConfigError: The checkpoint is of a run without COVR, or its adapter does not fit the
+            VLM the run's config builds.
+    """
+    adapter = (saved.state.get("covr") or {}).get("adapter")
+    if adapter is None:
+        raise ConfigError(
+            f"checkpoint {saved.checkpoint} holds no VLM adapter (covr.enabled was false)",
+            "pass a checkpoint of a COVR run, or drop --vlm",
+        )
+    covr = COVRConfig(**saved.cfg.covr.as_dict())
+    with vlm_stream(saved.cfg.run.seed, VLM_BUILD):
+        vlm = build_vlm(saved.cfg, device)
+    try:
+        vlm.load_adapter_state_dict(adapter)
+    except ValueError as err:
+        raise ConfigError(
+            f"checkpoint {saved.checkpoint}: {err}",
+            f"restore {saved.run_dir / 'config.yaml'} as the run wrote it",
+        ) from err
+    codec, prompt = build_codec_and_prompt(covr, env)
+    return VLMGuide(vlm, prompt, codec, covr.max_new_tokens or None, covr.guide_batch_size)

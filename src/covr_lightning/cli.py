@@ -91,6 +91,11 @@ def build_cli() -> argparse.ArgumentParser:
     evaluate.add_argument("--video-size", type=int, default=256, help="video side in px (256)")
     evaluate.add_argument("--device", default="cpu", help="torch device of the policy (cpu)")
     evaluate.add_argument("--no-log", action="store_true", help="do not log to MLflow")
+    evaluate.add_argument(
+        "--vlm",
+        action="store_true",
+        help="play the checkpoint's VLM (its saved LoRA adapter) instead of the policy",
+    )
     evaluate.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
     export = commands.add_parser(

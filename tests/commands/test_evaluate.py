@@ -35,7 +35,7 @@ def train_tiny_run(base: Path, covr: bool = False) -> Path:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    extra = ["covr.psi_0=200"] if covr else ["covr.enabled=false"]
+    extra = ["covr.psi_0=200", "covr.sft_min_steps=5"] if covr else ["covr.enabled=false"]
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
@@ -173,6 +173,23 @@ def test_covr_run_evaluates_without_building_the_vlm(tmp_path_factory, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["evaluate", "--checkpoint", str(run_dir), "--episodes", "2"]) == 0
     assert "return mean" in capsys.readouterr().out
+
+
+def test_evaluate_vlm_reproduces_the_vlm_eval_return_the_run_logged(tmp_path_factory, monkeypatch):
+    """--vlm plays the checkpoint's adapter as training's vlm/eval_return did (same seeds)."""
+    run_dir = enter(train_tiny_run(tmp_path_factory.getbasetemp(), covr=True), monkeypatch)
+    run_id = _training_run_id(run_dir)
+    logged = mlflow.MlflowClient().get_metric_history(run_id, "vlm/eval_return")
+    assert [m.step for m in logged] == [0, 200]  # before any fine-tune, after round 0's
+    result = evaluate_checkpoint(run_dir, episodes=2, vlm=True, log=False)
+    assert result.actor == "vlm" and 0.0 <= result.invalid_rate <= 1.0
+    assert result.mean == pytest.approx(logged[-1].value)
+
+
+def test_evaluate_vlm_of_a_run_without_covr_is_one_line_and_exit_2(plain_run, capsys):
+    assert main(["evaluate", "--checkpoint", str(plain_run), "--vlm"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no VLM adapter" in err and "Traceback" not in err
 
 
 def test_video_frame_rate_is_simulated_real_time():

@@ -81,8 +81,8 @@ def test_runs_every_round_and_fine_tune(finished):
     assert sorted(p.name for p in (loop.run_dir / "adapters").iterdir()) == [
         "round_0", "round_1", "round_2"
     ]  # fmt: skip
-    # D_f was cleared after round 2's fine-tune; the last round refilled it (no fine-tune after).
-    assert len(loop.sft) == 50
+    # D_f was cleared after round 2's fine-tune; the last round (no fine-tune after) feeds none.
+    assert len(loop.sft) == 0
 
 
 def test_mlflow_run_holds_the_covr_metrics(finished):

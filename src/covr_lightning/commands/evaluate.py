@@ -1,4 +1,4 @@
-"""``covr-lightning evaluate``: the deterministic policy of a checkpoint, without the VLM.
+"""``covr-lightning evaluate``: the deterministic policy of a checkpoint, or (``--vlm``) its VLM.
 
 Only the policy's weights are read from ``state.pt`` (memory-mapped); the VLM, its adapter, the
 replay buffer and the optimizers are never built. The run's own ``config.yaml`` (two levels above
@@ -13,6 +13,10 @@ logged at that checkpoint's env step.
 Video: ``--video`` records the first episode at ``video_size`` px: one frame after ``reset`` and
 one after every agent step, so a video has ``agent steps + 1`` frames, played in simulated real
 time (``1 / (control timestep x action repeat)`` frames per second).
+
+``--vlm`` plays the checkpoint's VLM (the run's backbone with the LoRA adapter saved in the
+checkpoint) as the policy instead, as the training loop's ``vlm/eval_return`` does: greedy,
+queried every ``covr.guide_every`` frames at ``covr.vlm_image_size``, its action held in between.
 """
 
 from __future__ import annotations
@@ -25,11 +29,22 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from covr_lightning.build import SavedRun, build_env, build_trained_policy, load_saved_run
-from covr_lightning.config import TrackingConfig
+from covr_lightning.build import (
+    SavedRun,
+    build_env,
+    build_trained_policy,
+    build_trained_vlm_guide,
+    load_saved_run,
+)
+from covr_lightning.config import COVRConfig, TrackingConfig
 from covr_lightning.envs.base import PixelEnv
 from covr_lightning.errors import ConfigError
-from covr_lightning.loop.episodes import EpisodeResults, evaluation_seed, run_episodes
+from covr_lightning.loop.episodes import (
+    EpisodeResults,
+    evaluation_seed,
+    run_episodes,
+    run_vlm_episodes,
+)
 from covr_lightning.tracking.mlflow import log_evaluation, resolve_tracking_uri
 
 METRIC_MEAN = "evaluate/return_mean"
@@ -43,10 +58,14 @@ class EvaluationResult(EpisodeResults):
     Attributes:
         video: Path of the written video, if any.
         mlflow_run_id: The MLflow run the metrics went to (``None``: not logged).
+        actor: ``policy`` or ``vlm``.
+        invalid_rate: With ``vlm``: the share of the VLM's answers that could not be read.
     """
 
     video: Path | None = None
     mlflow_run_id: str | None = None
+    actor: str = "policy"
+    invalid_rate: float | None = None
 
 
 # --------------------------------------------------------------------------- video
@@ -129,8 +148,11 @@ def log_result(saved: SavedRun, result: EvaluationResult, say=print) -> str | No
     if not tracking.enabled:
         say("MLflow: tracking.enabled is false in the run's config; nothing logged")
         return None
-    metrics = {METRIC_MEAN: result.mean, METRIC_STD: result.std}
-    metrics.update({f"evaluate/{key}_mean": v for key, v in result.metric_means().items()})
+    prefix = "evaluate/vlm_" if result.actor == "vlm" else "evaluate/"
+    metrics = {f"{prefix}return_mean": result.mean, f"{prefix}return_std": result.std}
+    metrics.update({f"{prefix}{key}_mean": v for key, v in result.metric_means().items()})
+    if result.invalid_rate is not None:
+        metrics[f"{prefix}invalid_rate"] = result.invalid_rate
     video = result.video
     return log_evaluation(
         uri=resolve_tracking_uri(tracking.uri),
@@ -161,8 +183,9 @@ def evaluate_checkpoint(
     device: str = "cpu",
     log: bool = True,
     say=print,
+    vlm: bool = False,
 ) -> EvaluationResult:
-    """Evaluate a checkpoint's deterministic policy (the Python API behind the CLI).
+    """Evaluate a checkpoint's deterministic policy, or its VLM (the Python API behind the CLI).
 
     Args:
         path: Run directory, checkpoint directory or ``state.pt``.
@@ -173,6 +196,7 @@ def evaluate_checkpoint(
         device: Torch device of the policy.
         log: Log to MLflow.
         say: Where progress lines go.
+        vlm: Play the checkpoint's VLM (with its saved adapter) instead of the policy.
 
     Returns:
         The evaluation result.
@@ -189,18 +213,30 @@ def evaluate_checkpoint(
     seed = evaluation_seed(saved.cfg.run.seed) if seed is None else int(seed)
     env = build_env(saved.cfg, evaluation_seed(saved.cfg.run.seed))
     try:
-        policy = build_trained_policy(saved, env, device)
-        episodes_run = run_episodes(
-            env,
-            lambda obs: policy.act(obs, deterministic=True),
-            episodes,
-            seed,
-            record=video,
-            video_size=video_size,
+        invalid_rate = None
+        if vlm:
+            covr = COVRConfig(**saved.cfg.covr.as_dict())
+            guide = build_trained_vlm_guide(saved, env, device)
+            episodes_run, invalid_rate = run_vlm_episodes(
+                env, guide, episodes, seed, covr.vlm_image_size, covr.guide_every,
+                record=video, video_size=video_size,
+            )  # fmt: skip
+        else:
+            policy = build_trained_policy(saved, env, device)
+            episodes_run = run_episodes(
+                env,
+                lambda obs: policy.act(obs, deterministic=True),
+                episodes,
+                seed,
+                record=video,
+                video_size=video_size,
+            )
+        result = EvaluationResult(
+            **vars(episodes_run), actor="vlm" if vlm else "policy", invalid_rate=invalid_rate
         )
-        result = EvaluationResult(**vars(episodes_run))
         if video:
-            target = saved.run_dir / "evaluate" / f"{saved.checkpoint.name}-seed{seed}.mp4"
+            name = f"{saved.checkpoint.name}{'-vlm' if vlm else ''}-seed{seed}.mp4"
+            target = saved.run_dir / "evaluate" / name
             result.video = write_video(result.frames, target, agent_fps(env))
     finally:
         env.close()
@@ -212,7 +248,8 @@ def evaluate_checkpoint(
 def print_result(loaded_path: str, result: EvaluationResult) -> None:
     """A rich table of the episodes, then mean and std."""
     console = Console()
-    console.print(f"evaluate {loaded_path} (seed {result.seed})", soft_wrap=True)
+    who = "the VLM of " if result.actor == "vlm" else ""
+    console.print(f"evaluate {who}{loaded_path} (seed {result.seed})", soft_wrap=True)
     table = Table()
     table.add_column("episode", justify="right")
     table.add_column("agent steps", justify="right")
@@ -226,6 +263,8 @@ def print_result(loaded_path: str, result: EvaluationResult) -> None:
     console.print(
         f"return mean {result.mean:.2f}  std {result.std:.2f}  over {len(result.returns)} episodes"
     )
+    if result.invalid_rate is not None:
+        console.print(f"unreadable VLM answers {100 * result.invalid_rate:.0f} %")
     for key, values in result.episode_metrics.items():
         console.print(f"{key} mean {np.mean(values):.1f}  std {np.std(values):.1f}")
     if result.video is not None:
@@ -243,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         log=not args.no_log,
         say=lambda line: print(line),
+        vlm=args.vlm,
     )
     print_result(args.checkpoint, result)
     return 0

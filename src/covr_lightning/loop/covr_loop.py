@@ -181,7 +181,7 @@ class COVRLoop(RLLoop):
         start = time.perf_counter()
         for lane in self.sft.open_streams:  # the episode goes on in the next round
             self.sft.end_segment(
-                bootstrap=self._state_value(self.lane_obs[lane]), truncated=True, stream=lane
+                bootstrap=self._cut_value(self.lane_obs[lane]), truncated=True, stream=lane
             )
         metrics = self.sft.build(
             entropy=self.entropy_per_dimension(),
@@ -293,7 +293,7 @@ class COVRLoop(RLLoop):
         self._vlm_frames = [None] * n
         steps = np.asarray(self.steps_since_query)
         query = steps % self.covr.guide_every == 0
-        needed = query | (steps % self.covr.sft_every == 0)
+        needed = query | ((steps % self.covr.sft_every == 0) & self._feeds_sft())
         if needed.any():
             size = self.covr.vlm_image_size
             # One call renders every env (workers render in parallel); unneeded ones are
@@ -330,7 +330,12 @@ class COVRLoop(RLLoop):
         return {"prior": self.prior_action[lane], "prior_mask": np.float32(guided)}
 
     def after_step(self, lane, action, reward, next_obs, terminated, truncated) -> None:
-        """Feed D_f: every reward, a row where the VLM-sized frame was rendered."""
+        """Feed D_f: every reward, a row where the VLM-sized frame was rendered.
+
+        Nothing in a round that no fine-tune follows (the last): D_f would only be cleared.
+        """
+        if not self._feeds_sft():
+            return
         frame = self._vlm_frames[lane]
         if frame is not None and self._is_row_step(lane):
             self.sft.record_step(
@@ -346,7 +351,17 @@ class COVRLoop(RLLoop):
         if terminated:
             self.sft.end_segment(bootstrap=0.0, stream=lane)
         elif truncated:
-            self.sft.end_segment(bootstrap=self._state_value(next_obs), truncated=True, stream=lane)
+            self.sft.end_segment(bootstrap=self._cut_value(next_obs), truncated=True, stream=lane)
+
+    def _feeds_sft(self) -> bool:
+        """Whether the current round's experience goes to D_f (a fine-tune follows it)."""
+        return self.round_index < len(self.rounds) and self.rounds[self.round_index].fine_tune
+
+    def _cut_value(self, obs: np.ndarray | None) -> float:
+        """Bootstrap of a cut segment: the critic's value where the return signal uses it."""
+        if self.sft.return_signal != "bootstrapped_return_to_go":
+            return 0.0  # the discounted mean reward to go reads only the rewards it saw
+        return self._state_value(obs)
 
     def entropy_per_dimension(self) -> float:
         """H_t of EDDF: the policy's entropy (mean -log pi) per action dimension, in nats.
@@ -452,7 +467,7 @@ class COVRLoop(RLLoop):
         saved_obs = state["loop"]["lane_obs"]
         for lane in self.sft.open_streams:
             obs = saved_obs[lane]
-            value = self._state_value(None if obs is None else obs.numpy())
+            value = self._cut_value(None if obs is None else obs.numpy())
             self.sft.end_segment(bootstrap=value, truncated=True, stream=lane)
 
 

@@ -157,13 +157,23 @@ class HeldVLMActor:
 
 
 def run_vlm_episodes(
-    env: PixelEnv, guide, episodes: int, seed: int, image_size: int, every: int
+    env: PixelEnv,
+    guide,
+    episodes: int,
+    seed: int,
+    image_size: int,
+    every: int,
+    record: bool = False,
+    video_size: int = 256,
 ) -> tuple[EpisodeResults, float]:
-    """``episodes`` episodes of the VLM acting alone (:class:`HeldVLMActor`).
+    """``episodes`` episodes of the VLM acting alone (:class:`HeldVLMActor`), seeded as
+    :func:`run_episodes` seeds them.
 
     Returns:
         The results and the share of the VLM's answers that could not be read.
     """
     actor = HeldVLMActor(env, guide, image_size, every)
-    result = run_episodes(env, actor, episodes, seed, on_reset=actor.reset)
+    result = run_episodes(
+        env, actor, episodes, seed, record=record, video_size=video_size, on_reset=actor.reset
+    )
     return result, actor.invalid / max(actor.queries, 1)
