@@ -44,7 +44,10 @@ QUIET_VLM = [
 
 def settings(teacher: str, noise: float) -> dict[str, list[str]]:
     """Setting name -> recipe overrides."""
-    policy = ["guide.class_path=covr_lightning.guides.PolicyGuide", f"guide.init_args.checkpoint={teacher}"]
+    policy = [
+        "guide.class_path=covr_lightning.guides.PolicyGuide",
+        f"guide.init_args.checkpoint={teacher}",
+    ]
     uniform = ["guide.class_path=covr_lightning.guides.UniformGuide"]
     out: dict[str, list[str]] = {"unguided": ["covr.enabled=false"]}
     for name, guide in (
@@ -53,13 +56,19 @@ def settings(teacher: str, noise: float) -> dict[str, list[str]]:
         ("random", uniform),
     ):
         for prior_filter in ("none", "q"):
-            out[f"{name}-{prior_filter}"] = [*QUIET_VLM, *guide, f"covr.prior_filter={prior_filter}"]
+            out[f"{name}-{prior_filter}"] = [
+                *QUIET_VLM,
+                *guide,
+                f"covr.prior_filter={prior_filter}",
+            ]
     return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher", required=True, help="checkpoint or run dir of a trained policy")
+    parser.add_argument(
+        "--teacher", required=True, help="checkpoint or run dir of a trained policy"
+    )
     parser.add_argument("--noise", type=float, default=1.0, help="std of the noisy guide's noise")
     parser.add_argument("--seeds", default="1-3")
     parser.add_argument("--parallel", type=int, default=2)
