@@ -9,6 +9,11 @@ tokenising, which is how many vision tokens the model's patch merger produces fo
 It exposes the subset of the stock processor's interface COVR uses (``__call__``,
 ``apply_chat_template``, ``batch_decode``, ``tokenizer``, ``save_pretrained``), so the rest of the
 package does not care which one it got.
+
+Like the stock processor it returns ``mm_token_type_ids`` (1 on image tokens, 0 on text): Qwen2-VL
+and Qwen2.5-VL in transformers 5.x compute the 3-D (temporal, height, width) rotary positions of
+image tokens only when it is given, and fall back to plain 1-D positions otherwise, which a
+pretrained model never saw (docs/method.md, "Image positions").
 """
 
 from __future__ import annotations
@@ -47,8 +52,8 @@ class ImageTextProcessor:
         """Tokenise ``text`` with one ``image_token`` per image, in order, expanded to its grid.
 
         Returns:
-            A ``BatchFeature`` with ``input_ids``, ``attention_mask`` and, with images,
-            ``pixel_values`` and ``image_grid_thw``.
+            A ``BatchFeature`` with ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` and,
+            with images, ``pixel_values`` and ``image_grid_thw``.
         """
         texts = [text] if isinstance(text, str) else list(text)
         image_inputs: dict[str, Any] = {}
@@ -62,8 +67,15 @@ class ImageTextProcessor:
         encoded = self.tokenizer(
             texts, padding=padding, return_tensors=return_tensors, **tokenizer_kwargs
         )
+        encoded["mm_token_type_ids"] = self.mm_token_type_ids(encoded["input_ids"])
         encoded.update(image_inputs)
         return encoded
+
+    def mm_token_type_ids(self, input_ids):
+        """Per-token modality ids as the stock processor makes them: 1 on image tokens, else 0."""
+        if isinstance(input_ids, list):
+            return [[int(t == self.image_token_id) for t in row] for row in input_ids]
+        return (input_ids == self.image_token_id).to(input_ids.dtype)
 
     def _expand_placeholders(self, texts: list[str], grids) -> list[str]:
         merge = self.image_processor.merge_size**2

@@ -87,7 +87,8 @@ def encode_sft_batch(
 
     Returns:
         ``input_ids``, ``attention_mask`` ``(B, T)``, the image tensors the model needs
-        (``pixel_values``, ``image_grid_thw`` for Qwen), ``target_mask`` ``(B, T)`` (1 on answer
+        (``pixel_values``, ``image_grid_thw`` for Qwen), the processor's per-token tensors at the
+        full prompt + answer length (Qwen's ``mm_token_type_ids``), ``target_mask`` ``(B, T)`` (1 on answer
         tokens and the end-of-turn token, 0 on padding, prompt and image tokens) and ``weights``
         ``(B,)``.
     """
@@ -111,7 +112,21 @@ def encode_sft_batch(
         input_ids[row, length - len(ids) :] = torch.tensor(ids)
         attention_mask[row, length - len(ids) :] = 1
         target_mask[row, length - len(ids) :] = torch.tensor(mask)
-    batch = {k: v for k, v in prompts.items() if k not in ("input_ids", "attention_mask")}
+    prompt_length = prompts["input_ids"].shape[1]
+    batch = {}
+    for key, value in prompts.items():
+        if key in ("input_ids", "attention_mask"):
+            continue
+        if torch.is_tensor(value) and value.shape[:2] == (rows, prompt_length):
+            # A per-token tensor (mm_token_type_ids, ...): the prompt's values, left-padded to
+            # the full length, 0 (text) on the answer tokens.
+            full = torch.zeros((rows, length, *value.shape[2:]), dtype=value.dtype)
+            for row, ids in enumerate(sequences):
+                keep = prompts["attention_mask"][row].bool()
+                start = length - len(ids)
+                full[row, start : start + int(keep.sum())] = value[row][keep]
+            value = full
+        batch[key] = value
     batch.update(
         input_ids=input_ids,
         attention_mask=attention_mask,
