@@ -77,7 +77,7 @@ def test_hand_computed_example():
     # RALW over the kept [8, 11, 12, 9]: min 8, max 12, g_bar = 2 (g - 8) / 4 - 1 = [-1, .5, 1, -.5]
     #   -> w = [0, 0.5, 1, 0]; mean weight 1.5 / 4 = 0.375; rows 3 and 8 are dropped.
     # Served: row 5 (target "0.50", w 0.5) and row 7 (target "0.70", w 1).
-    dm = SFTDataModule(gamma=0.5)
+    dm = SFTDataModule(gamma=0.5, return_signal="bootstrapped_return_to_go")
     play(dm, [1, 5, -2, 8, -5.5, 9, -2, 7.5, 9])
     np.testing.assert_allclose(dm.returns, [4, 6, 2, 8, 0, 11, 4, 12, 9])
 
@@ -98,6 +98,7 @@ def test_hand_computed_example():
         "sft/rows_in": 9,
         "sft/rows_kept": 4,
         "sft/rows_out": 2,
+        "sft/rows_zero_weight": 2,
         "sft/rows_dropped": 0,
         "sft/entropy": LN3,
     }
@@ -118,7 +119,7 @@ def test_return_to_go_matches_brute_force_with_bootstrap():
         (rng.normal(size=7), {0, 2, 3, 6}, 0.0, False),
         (rng.normal(size=5), {1, 4}, 2.5, True),
     ]
-    dm = SFTDataModule(gamma=gamma)
+    dm = SFTDataModule(gamma=gamma, return_signal="bootstrapped_return_to_go")
     expected, flags = [], []
     for rewards, framed, bootstrap, cut in segments:
         play(dm, rewards, framed, bootstrap=bootstrap, truncated=cut)
@@ -133,7 +134,7 @@ def test_return_to_go_matches_brute_force_with_bootstrap():
 
 
 def test_rows_only_where_a_frame_is_given_but_returns_use_every_reward():
-    dm = SFTDataModule(gamma=0.5)
+    dm = SFTDataModule(gamma=0.5, return_signal="bootstrapped_return_to_go")
     play(dm, [1, 2, 3, 4, 5], framed={1, 3}, end=False)
     assert len(dm) == 2 and dm.open_segment_length == 5
     assert np.isnan(dm.returns).all()  # not known before the segment ends
@@ -161,7 +162,7 @@ def test_open_segment_rows_are_never_kept_and_warned_about(caplog):
 
 
 def test_rows_over_max_rows_are_dropped_with_one_warning(caplog):
-    dm = SFTDataModule(gamma=1.0, max_rows=3)
+    dm = SFTDataModule(gamma=1.0, max_rows=3, return_signal="bootstrapped_return_to_go")
     with caplog.at_level(logging.WARNING, logger="covr_lightning.data.sft"):
         play(dm, [1, 1, 1, 1, 1])
     assert len(dm) == 3 and dm.dropped_rows == 2
@@ -331,7 +332,13 @@ def test_dataloader_needs_a_non_empty_build():
 
 
 # ---------------------------------------------------------------------- (8) checkpoints
-CONFIG = {"gamma": 0.8, "eddf_mode": "random", "ralw_mode": "random", "max_rows": 6}
+CONFIG = {
+    "gamma": 0.8,
+    "eddf_mode": "random",
+    "ralw_mode": "random",
+    "max_rows": 6,
+    "return_signal": "bootstrapped_return_to_go",
+}
 
 
 def half_round() -> SFTDataModule:

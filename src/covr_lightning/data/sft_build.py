@@ -119,7 +119,8 @@ def build_examples(
     Returns:
         The built set and the metrics ``eddf/*``, ``ralw/mean_weight`` (over the rows EDDF kept,
         zeros included), ``sft/rows_in``, ``sft/rows_kept`` (after EDDF), ``sft/rows_out``
-        (after dropping zero weights), ``sft/rows_dropped`` and ``sft/entropy``.
+        (after dropping zero weights), ``sft/rows_zero_weight`` (kept by EDDF, weight 0 under
+        RALW), ``sft/rows_dropped`` and ``sft/entropy``.
     """
     keep, stats = eddf_mask(
         g,
@@ -147,6 +148,7 @@ def build_examples(
             "sft/rows_in": float(len(g)),
             "sft/rows_kept": float(kept_rows.size),
             "sft/rows_out": float(indices.size),
+            "sft/rows_zero_weight": float(kept_rows.size - indices.size),
             "sft/rows_dropped": float(dropped_rows),
             "sft/entropy": float(entropy),
         }
