@@ -15,9 +15,10 @@ def test_covr_with_two_envs_uses_both_and_batches_the_guide(workdir):
     batches: list[int] = []
     propose = loop.guide.propose
 
-    def spy(frames):
+    def spy(frames, obs):
+        assert len(obs) == len(frames)  # each query frame comes with its env's observation
         batches.append(len(frames))
-        return propose(frames)
+        return propose(frames, obs)
 
     loop.guide.propose = spy
     loop.fit()
