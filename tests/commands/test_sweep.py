@@ -133,7 +133,9 @@ def test_sequential_and_parallel_sweeps_log_children_and_the_aggregate(workdir, 
     lines = (workdir / "cmp" / "comparison.csv").read_text().splitlines()
     assert [line.split(",")[:4] for line in lines[1:]] == [
         ["p", "final", "200", "2"],
+        ["p", "auc", "200", "2"],
         ["q", "final", "200", "2"],
+        ["q", "auc", "200", "2"],
     ]
     capsys.readouterr()
     argv = ["compare", "--experiment", "covr-quickstart", "--metric", "sweep/eval/return_mean"]
