@@ -17,6 +17,7 @@ IQM per setting and plots the curves into ``--out``.
 
     python benchmarks/prior_mechanism.py --teacher runs/teacher/teacher/checkpoints/env_step_000015000
     python benchmarks/prior_mechanism.py --teacher PATH --seeds 1-3 --parallel 2 --only random-none
+    python benchmarks/prior_mechanism.py --teacher PATH --suffix -held covr.prior_scope=held
 
 The teacher is any finished quickstart run (``covr-lightning fit --recipe quickstart
 covr.enabled=false run.seed=100 run.name=teacher``); pass the checkpoint whose eval return you want
@@ -75,6 +76,9 @@ def main() -> int:
     parser.add_argument("--experiment", default="covr-mechanism")
     parser.add_argument("--out", default="comparison/covr-mechanism")
     parser.add_argument("--only", default="", help="comma-separated setting names to run")
+    parser.add_argument(
+        "--suffix", default="", help="appended to run names (runs with other overrides)"
+    )
     parser.add_argument("--report-only", action="store_true", help="compare what already ran")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every setting")
     args = parser.parse_args()
@@ -89,7 +93,7 @@ def main() -> int:
             command = [
                 sys.executable, "-m", "covr_lightning", "fit", "--recipe", "quickstart",
                 "--seeds", args.seeds, "--parallel", str(args.parallel),
-                f"run.name={name}", f"tracking.experiment={args.experiment}",
+                f"run.name={name}{args.suffix}", f"tracking.experiment={args.experiment}",
                 *overrides, *args.overrides,
             ]  # fmt: skip
             print(f"== {name}: {' '.join(command[3:])}", flush=True)
