@@ -75,7 +75,10 @@ class VLMGuide(Guide):
             for start in range(0, len(frames), self.batch_size):
                 chunk = list(frames[start : start + self.batch_size])
                 inputs = processor(
-                    text=[self.prompt_text] * len(chunk), images=chunk, return_tensors="pt"
+                    text=[self.prompt_text] * len(chunk),
+                    images=chunk,
+                    padding=True,
+                    return_tensors="pt",
                 )
                 inputs = {k: v.to(device) for k, v in inputs.items()}
                 output = model.generate(

@@ -75,6 +75,8 @@ class ImageTextProcessor:
         """Per-token modality ids as the stock processor makes them: 1 on image tokens, else 0."""
         if isinstance(input_ids, list):
             return [[int(t == self.image_token_id) for t in row] for row in input_ids]
+        if isinstance(input_ids, np.ndarray):
+            return (input_ids == self.image_token_id).astype(input_ids.dtype)
         return (input_ids == self.image_token_id).to(input_ids.dtype)
 
     def _expand_placeholders(self, texts: list[str], grids) -> list[str]:
