@@ -242,3 +242,20 @@ def test_killed_mid_round_resumes_to_the_same_budget_and_rounds(workdir):
     assert final.name == "env_step_000001200"
     state = torch.load(final / STATE_FILE, weights_only=False)
     assert state["loop"]["round_index"] == 4 and state["loop"]["env_steps"] == 1200
+
+
+def test_eddf_entropy_is_per_action_dimension_so_its_scale_is_not_saturated():
+    """SAC holds the summed entropy near -|A|: for cheetah's 6 actuators s(-6) = 0.998 is a
+    constant; per dimension the same policy gives s(-1) = 0.73, and an exploring one less."""
+    from types import SimpleNamespace
+
+    from covr_lightning.data.eddf import entropy_scale
+
+    settled = SimpleNamespace(module=SimpleNamespace(policy_entropy=-6.0), action_dim=6)
+    exploring = SimpleNamespace(module=SimpleNamespace(policy_entropy=3.0), action_dim=6)
+    h_settled = COVRLoop.entropy_per_dimension(settled)
+    h_exploring = COVRLoop.entropy_per_dimension(exploring)
+    assert h_settled == -1.0 and h_exploring == 0.5
+    assert entropy_scale(h_settled) == pytest.approx(0.731, abs=1e-3)
+    assert entropy_scale(h_settled) - entropy_scale(h_exploring) > 0.3
+    assert entropy_scale(-6.0) > 0.99  # the summed entropy's scale: no room to move
