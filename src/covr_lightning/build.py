@@ -389,14 +389,33 @@ def build_trained_policy(saved: SavedRun, env: PixelEnv, device: str = "cpu") ->
     return policy.to(device).eval()
 
 
-def build_trained_vlm_guide(saved: SavedRun, env: PixelEnv, device: str = "cpu") -> VLMGuide:
+def build_trained_vlm_guide(
+    saved: SavedRun, env: PixelEnv, device: str = "cpu", adapter_dir: str | Path | None = None
+) -> VLMGuide:
     """The run's VLM with the checkpoint's LoRA adapter, as a guide (``evaluate --vlm``).
 
+    Args:
+        saved: The run and checkpoint.
+        env: An env of the run (action bounds, task text).
+        device: Torch device of the VLM.
+        adapter_dir: A saved adapter folder (``<run>/adapters/round_<c>``) to play instead of
+            the checkpoint's.
+
     Raises:
-        ConfigError: The checkpoint is of a run without COVR, or its adapter does not fit the
+        ConfigError: The checkpoint is of a run without COVR, or the adapter does not fit the
             VLM the run's config builds.
     """
     adapter = (saved.state.get("covr") or {}).get("adapter")
+    if adapter_dir is not None:
+        from safetensors.torch import load_file
+
+        path = Path(adapter_dir) / "adapter_model.safetensors"
+        if not path.is_file():
+            raise ConfigError(
+                f"--adapter {adapter_dir}: no adapter_model.safetensors there",
+                f"pass a folder of {saved.run_dir / 'adapters'}",
+            )
+        adapter = load_file(path)
     if adapter is None:
         raise ConfigError(
             f"checkpoint {saved.checkpoint} holds no VLM adapter (covr.enabled was false)",

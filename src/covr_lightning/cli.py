@@ -96,6 +96,12 @@ def build_cli() -> argparse.ArgumentParser:
         action="store_true",
         help="play the checkpoint's VLM (its saved LoRA adapter) instead of the policy",
     )
+    evaluate.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="with --vlm: a saved adapter folder (<run>/adapters/round_<c>) instead of the "
+        "checkpoint's",
+    )
     evaluate.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
     export = commands.add_parser(

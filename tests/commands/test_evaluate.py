@@ -19,6 +19,7 @@ from covr_lightning.commands.evaluate import (
     count_video_frames,
     evaluate_checkpoint,
 )
+from covr_lightning.errors import ConfigError
 from covr_lightning.loop.checkpoint import STATE_FILE, latest_checkpoint
 
 RUN = Path("runs") / "covr-quickstart" / "quickstart"
@@ -184,6 +185,13 @@ def test_evaluate_vlm_reproduces_the_vlm_eval_return_the_run_logged(tmp_path_fac
     result = evaluate_checkpoint(run_dir, episodes=2, vlm=True, log=False)
     assert result.actor == "vlm" and 0.0 <= result.invalid_rate <= 1.0
     assert result.mean == pytest.approx(logged[-1].value)
+    # The round-0 adapter folder is the same adapter (no fine-tune after round 0 in this run).
+    folder = run_dir / "adapters" / "round_0"
+    assert evaluate_checkpoint(
+        run_dir, episodes=2, vlm=True, adapter=folder, log=False
+    ).returns == (result.returns)
+    with pytest.raises(ConfigError, match="adapter_model.safetensors"):
+        evaluate_checkpoint(run_dir, vlm=True, adapter=run_dir, log=False)
 
 
 def test_evaluate_vlm_of_a_run_without_covr_is_one_line_and_exit_2(plain_run, capsys):

@@ -184,6 +184,7 @@ def evaluate_checkpoint(
     log: bool = True,
     say=print,
     vlm: bool = False,
+    adapter: str | Path | None = None,
 ) -> EvaluationResult:
     """Evaluate a checkpoint's deterministic policy, or its VLM (the Python API behind the CLI).
 
@@ -197,6 +198,7 @@ def evaluate_checkpoint(
         log: Log to MLflow.
         say: Where progress lines go.
         vlm: Play the checkpoint's VLM (with its saved adapter) instead of the policy.
+        adapter: With ``vlm``: a saved adapter folder to play instead of the checkpoint's.
 
     Returns:
         The evaluation result.
@@ -216,7 +218,7 @@ def evaluate_checkpoint(
         invalid_rate = None
         if vlm:
             covr = COVRConfig(**saved.cfg.covr.as_dict())
-            guide = build_trained_vlm_guide(saved, env, device)
+            guide = build_trained_vlm_guide(saved, env, device, adapter)
             episodes_run, invalid_rate = run_vlm_episodes(
                 env, guide, episodes, seed, covr.vlm_image_size, covr.guide_every,
                 record=video, video_size=video_size,
@@ -282,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         log=not args.no_log,
         say=lambda line: print(line),
-        vlm=args.vlm,
+        vlm=args.vlm or args.adapter is not None,
+        adapter=args.adapter,
     )
     print_result(args.checkpoint, result)
     return 0
