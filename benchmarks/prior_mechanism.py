@@ -17,7 +17,7 @@ IQM per setting and plots the curves into ``--out``.
 
     python benchmarks/prior_mechanism.py --teacher runs/teacher/teacher/checkpoints/env_step_000015000
     python benchmarks/prior_mechanism.py --teacher PATH --seeds 1-3 --parallel 2 --only random-none
-    python benchmarks/prior_mechanism.py --teacher PATH --suffix -held covr.prior_scope=held
+    python benchmarks/prior_mechanism.py --teacher PATH --suffix=-held covr.prior_scope=held
 
 The teacher is any finished quickstart run (``covr-lightning fit --recipe quickstart
 covr.enabled=false run.seed=100 run.name=teacher``); pass the checkpoint whose eval return you want

@@ -6,7 +6,7 @@
 
 Figures (DMC cheetah run: its task prompt, a 6-actuator numeric codec, frames rendered by DMCEnv
 at --image-size after a few random steps):
-  guidance  ms per frame of ``Guide.propose`` at each batch size, after one warm-up call, split into
+  guidance  ms per frame of ``VLMGuide.propose`` at each batch size, after one warm-up call, split into
             image + text processing, ``generate`` and other (inputs to the device, batch decode,
             codec decode); generation budget (max_new_tokens), longest generation, invalid answers
   prompt    tokens of one prompt, and how many of them are image tokens
@@ -137,7 +137,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from covr_lightning.vlm.codecs import make_codec
-    from covr_lightning.vlm.guide import Guide
+    from covr_lightning.vlm.guide import VLMGuide
     from covr_lightning.vlm.module import VLMLoRAModule
     from covr_lightning.vlm.prompting import ActionPrompt, encode_sft_batch
     from covr_lightning.vlm.tiny import TINY_NAME
@@ -167,7 +167,7 @@ def main() -> None:
     prompt = ActionPrompt(task, codec.describe())
     processor = TimedProcessor(vlm.processor)
     model = TimedModel(vlm.model, device)
-    guide = Guide(SimpleNamespace(model=model, processor=processor), prompt, codec)
+    guide = VLMGuide(SimpleNamespace(model=model, processor=processor), prompt, codec)
 
     console.print(
         f"backbone {args.backbone} on {device} ({str(dtype).removeprefix('torch.')}"
