@@ -80,7 +80,10 @@ def test_a_recipe_picks_the_guide_and_its_priors_reach_replay(workdir):
     batch, present = loop.replay.transitions_at(np.arange(loop.replay.last_transition_id + 1))
     mask = batch["prior_mask"].numpy()[present] > 0
     priors = batch["prior"].numpy()[present][mask]
-    assert mask.sum() >= 3 and priors.std() > 0.2  # uniform draws, not the codec's zeros
+    assert priors.std() > 0.2  # uniform draws, not the codec's zeros
+    # Guided from the first step, always valid, prior_scope "query": exactly the query steps
+    # (0, 10, 20 of each 25-step episode) of the 50 transitions carry a prior.
+    assert present.sum() == 50 and np.flatnonzero(mask).tolist() == [0, 10, 20, 25, 35, 45]
 
 
 def test_policy_guide_loads_a_checkpoint_of_the_same_env(workdir):
@@ -107,3 +110,23 @@ def test_policy_guide_loads_a_checkpoint_of_the_same_env(workdir):
 def test_a_guide_class_that_is_not_a_guide_is_a_config_error(workdir):
     with pytest.raises(ConfigError, match="guide"):
         build_loop(load_recipe("quickstart", [*GUIDED, "guide.class_path=collections.Counter"]))
+
+
+def test_held_scope_gives_every_transition_the_last_answer(workdir):
+    cfg = load_recipe(
+        "quickstart",
+        [
+            *GUIDED,
+            "guide.class_path=covr_lightning.guides.UniformGuide",
+            "covr.prior_scope=held",
+            "run.name=held",
+        ],
+    )
+    loop = build_loop(cfg)
+    loop.fit()
+    batch, present = loop.replay.transitions_at(np.arange(loop.replay.last_transition_id + 1))
+    mask = batch["prior_mask"].numpy()[present]
+    priors = batch["prior"].numpy()[present]
+    assert mask.all()
+    np.testing.assert_array_equal(priors[1:10], np.repeat(priors[:1], 9, axis=0))  # held
+    assert not np.array_equal(priors[9], priors[10])  # the next query's answer
