@@ -13,7 +13,8 @@ episode, one SFT step per round, no VLM evaluation), since no VLM guides here.
 
 Each setting runs ``--seeds`` through ``covr-lightning fit --seeds`` (one MLflow parent per
 setting, experiment ``--experiment``); then ``covr-lightning compare`` prints final-return and AUC
-IQM per setting and plots the curves into ``--out``.
+IQM per setting and plots the curves into ``--out`` (``mechanism<suffix>.png``: only the
+settings of this invocation and ``unguided``).
 
     python benchmarks/prior_mechanism.py --teacher runs/teacher/teacher/checkpoints/env_step_000015000
     python benchmarks/prior_mechanism.py --teacher PATH --seeds 1-3 --parallel 2 --only random-none
@@ -103,9 +104,28 @@ def main() -> int:
                 return done.returncode
     compare = [
         sys.executable, "-m", "covr_lightning", "compare", "--experiment", args.experiment,
-        "--at-env-steps", "5000,10000", "--out", args.out,
+        "--at-env-steps", "2504,5000,10000", "--out", args.out,
     ]  # fmt: skip
-    return subprocess.run(compare, check=False).returncode
+    code = subprocess.run(compare, check=False).returncode
+    if code == 0:
+        path = Path(args.out) / f"mechanism{args.suffix}.png"
+        plot(args.experiment, [f"{name}{args.suffix}" for name in chosen], path)
+        print(f"wrote {path}")
+    return code
+
+
+def plot(experiment: str, names: list[str], path: Path) -> None:
+    """Learning curves of ``names`` (and ``unguided``) only: the full comparison has every run."""
+    from covr_lightning.tracking.compare import group_runs
+    from covr_lightning.tracking.mlflow import load_runs
+    from covr_lightning.tracking.report import learning_curves
+
+    wanted = {*names, "unguided"}
+    curves = [
+        c for c in load_runs(experiment, "eval/return") if c.name.rsplit("-seed", 1)[0] in wanted
+    ]
+    title = f"{experiment}: eval/return ({path.stem})"
+    learning_curves(group_runs(curves, ["run.name"]), ["run.name"], "eval/return", path, title)
 
 
 if __name__ == "__main__":
