@@ -368,8 +368,8 @@ class COVRLoop(RLLoop):
 
         SAC's temperature holds the summed entropy near its target -|A|, so s(H) = sigmoid(-H)
         of the sum sits at ~1 for a 6-dimensional action the whole run; per dimension, the
-        target is -1 for every task and s(H) moves from ~0.35 (the untrained policy) towards
-        sigmoid(1) = 0.73 as the policy settles (docs/method.md, "EDDF's entropy").
+        target is -1 for every task, where s(H) = sigmoid(1) = 0.73, and a policy still exploring
+        gives less (0.35-0.58 over the quickstart's rounds; docs/method.md, Decision 3).
         """
         return self.module.policy_entropy / self.action_dim
 
