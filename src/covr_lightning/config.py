@@ -116,6 +116,11 @@ class COVRConfig:
         codec: Action codec kind (``numeric``, ``carla``, ``car_racing``); empty takes the env's.
         max_new_tokens: Generation budget of a guide query; 0 sizes it from the codec.
         guide_batch_size: Frames per ``generate`` call.
+        guide_async: Answer queries on a worker thread while the agent steps on (default); a
+            transition gets its prior when the answer arrives and is masked until then.
+            ``false`` waits for each answer (the synchronous path, for debugging).
+        guide_threads: CPU threads of the guide worker's kernels (0: torch's default). One
+            leaves the other cores to the agent's update.
         sft_epochs: Passes over the filtered D_f per fine-tune.
         sft_min_steps: Floor on optimizer steps per fine-tune: passes over the SFT set repeat until
             it is reached, so a round with few kept rows still trains (0: no floor).
@@ -140,6 +145,8 @@ class COVRConfig:
     codec: Literal["", "numeric", "carla", "car_racing"] = ""
     max_new_tokens: NonNegativeInt = 0
     guide_batch_size: PositiveInt = 32
+    guide_async: bool = True
+    guide_threads: NonNegativeInt = 1
     sft_epochs: PositiveInt = 1
     sft_min_steps: NonNegativeInt = 50
     sft_max_steps: NonNegativeInt = 0

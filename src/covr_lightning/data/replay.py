@@ -288,6 +288,22 @@ class ReplayDataModule(lightning.LightningDataModule):
         frame = self.layout.newest_frame(next_obs, "add next_obs")
         self.last_transition_id = ring.append(frame, action, reward, terminated, extras, stream)
 
+    def update_extra(self, name: str, transition_ids: np.ndarray, value: Any) -> int:
+        """Overwrite an extra of stored transitions (a prior that arrived after its transition).
+
+        Args:
+            name: A declared extra.
+            transition_ids: ``(N,)`` ids (:attr:`last_transition_id` after each ``add``).
+            value: One value of the extra's shape, written to every listed transition.
+
+        Returns:
+            How many of the transitions were still stored (the others are skipped).
+        """
+        ring = self._require_allocated("update_extra")
+        slots, present = ring.find(np.asarray(transition_ids, dtype=np.int64).reshape(-1))
+        ring.extras[name][slots[present]] = value
+        return int(present.sum())
+
     # ------------------------------------------------------------------ reading
     def transitions_at(
         self, transition_ids: np.ndarray

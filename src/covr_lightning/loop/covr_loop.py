@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from covr_lightning.config import COVRConfig
 from covr_lightning.data.sft import SFTDataModule
 from covr_lightning.errors import ConfigError, TrainingDivergedError
 from covr_lightning.guides.base import Guide
+from covr_lightning.guides.worker import GuideWorker
 from covr_lightning.loop.episodes import run_vlm_episodes
 from covr_lightning.loop.rl_loop import RLLoop, RLParts
 from covr_lightning.loop.rng import FINE_TUNE, VLM_EVAL, vlm_stream
@@ -50,6 +51,23 @@ from covr_lightning.vlm.module import VLMLoRAModule
 
 SFT_DIR = "sft"
 PHASES = ("rl", "vlm")
+
+
+@dataclass
+class _Query:
+    """One env's guide query while its answer is on the way (asynchronous guidance).
+
+    Attributes:
+        lane: The env that asked.
+        env_step: The loop's env step when it asked (the answer's lag is counted from here).
+        rows: Replay ids of the transitions stored since that carry this query's answer.
+        taken: The action the policy took at the query step (for ``guide/prior_distance``).
+    """
+
+    lane: int
+    env_step: int
+    rows: list[int] = field(default_factory=list)
+    taken: np.ndarray | None = None
 
 
 @dataclass
@@ -119,6 +137,24 @@ class COVRLoop(RLLoop):
         self._vlm_frames: list[np.ndarray | None] = [None] * n  # this step's renders, if any
         self._queried = np.zeros(n, dtype=bool)  # which envs asked the guide at this step
         self._guide_seconds = 0.0
+        # Asynchronous guidance (covr.guide_async): queries whose answers are on the way, by
+        # ticket; each env's newest such query; the query the row being stored now belongs to.
+        self.worker = (
+            GuideWorker(
+                self.guide,
+                max_batch=self.covr.guide_batch_size,
+                device=next(covr_parts.vlm.model.parameters()).device,
+                threads=self.covr.guide_threads or None,
+            )
+            if self.covr.guide_async
+            else None
+        )
+        self._in_flight: dict[int, _Query] = {}
+        self._lane_query: list[_Query | None] = [None] * n
+        self._row_query: list[_Query | None] = [None] * n
+        self._next_ticket = 0
+        self._lags: list[int] = []
+        self._agent_steps_at_log = 0
         self._prior_distances: list[float] = []
         self.phase_seconds = {"rl": 0.0, "vlm": 0.0}
         super().__init__(cfg, parts, run_dir, resume_from)
@@ -126,10 +162,11 @@ class COVRLoop(RLLoop):
     # ------------------------------------------------------------------ building
 
     def declare_replay_extras(self) -> None:
-        """a_v and its validity flag beside every transition."""
+        """a_v, its validity flag, and whether its answer is still on the way."""
         action_dim = int(self.env.action_space.shape[0])
         self.replay.declare_extra("prior", (action_dim,), np.float32, 0.0)
         self.replay.declare_extra("prior_mask", (), np.float32, 0.0)
+        self.replay.declare_extra("prior_pending", (), np.float32, 0.0)
 
     # ------------------------------------------------------------------ rounds
 
@@ -172,6 +209,7 @@ class COVRLoop(RLLoop):
         )
         start = time.perf_counter()
         self.train_until(current.end)
+        self.collect_answers(wait=True)  # every prior of the round lands before it ends
         elapsed = time.perf_counter() - start
         self.phase_seconds["rl"] += elapsed
         self.tracker.log_metrics({"time/rl_phase_s": elapsed}, step=self.env_steps)
@@ -287,8 +325,11 @@ class COVRLoop(RLLoop):
         """Render for the VLM on schedule (guide query and/or D_f row), then act as the base does.
 
         Each env keeps its own schedule (its first frame of an episode is a query frame); the
-        frames of all envs that query now go to the guide as one batch.
+        frames of all envs that query now go to the guide as one batch: answered before acting
+        (``covr.guide_async: false``), or handed to the worker thread, whose earlier answers
+        are collected here first.
         """
+        self.collect_answers()
         n = len(obs)
         self._vlm_frames = [None] * n
         steps = np.asarray(self.steps_since_query)
@@ -303,37 +344,89 @@ class COVRLoop(RLLoop):
                 self._vlm_frames[lane] = frames[lane]
         ask = query & (self.module.prior_weight > 0)  # guided round: ask the guide
         self._queried = ask
-        if ask.any():
-            lanes = np.flatnonzero(ask)
-            start = time.perf_counter()
+        lanes = np.flatnonzero(ask)
+        start = time.perf_counter()
+        if len(lanes) and self.worker is None:
             actions, valid = self.guide.propose(frames[lanes], obs[lanes])
-            self._guide_seconds += time.perf_counter() - start
             self.prior_action[lanes] = actions
             self.prior_valid[lanes] = valid
+        elif len(lanes):
+            tickets = [self._open_query(int(lane)) for lane in lanes]
+            self.worker.submit(tickets, frames[lanes], obs[lanes])
+        self._guide_seconds += time.perf_counter() - start
         actions = super().select_actions(obs)
-        for lane in np.flatnonzero(ask & self.prior_valid):
-            self._prior_distances.append(
-                float(np.linalg.norm(self.prior_action[lane] - actions[lane]))
-            )
+        for lane in lanes:
+            if self.worker is not None:
+                self._lane_query[lane].taken = actions[lane].copy()
+            elif self.prior_valid[lane]:
+                self._prior_distances.append(
+                    float(np.linalg.norm(self.prior_action[lane] - actions[lane]))
+                )
         self.steps_since_query = [step + 1 for step in self.steps_since_query]
         return actions
 
+    def _open_query(self, lane: int) -> int:
+        """Register env ``lane``'s new query; its ticket."""
+        ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
+        query = _Query(lane=lane, env_step=self.env_steps)
+        self._in_flight[ticket] = query
+        self._lane_query[lane] = query
+        return ticket
+
+    def collect_answers(self, wait: bool = False) -> None:
+        """Write the worker's arrived answers into the transitions stored while they were away.
+
+        Args:
+            wait: Wait for every answer still on the way (at the end of an RL phase and before a
+                checkpoint, so neither sees a prior in flight).
+        """
+        if self.worker is None:
+            return
+        answers = self.worker.drain() if wait else self.worker.poll()
+        for answer in answers:
+            query = self._in_flight.pop(answer.ticket)
+            if query.rows:
+                self.replay.update_extra("prior", query.rows, answer.action)
+                self.replay.update_extra("prior_mask", query.rows, np.float32(answer.valid))
+                self.replay.update_extra("prior_pending", query.rows, np.float32(0.0))
+            if self._lane_query[query.lane] is query:  # still the env's newest query
+                self.prior_action[query.lane] = answer.action
+                self.prior_valid[query.lane] = answer.valid
+                self._lane_query[query.lane] = None
+            self._lags.append(self.env_steps - query.env_step)
+            if answer.valid and query.taken is not None:
+                self._prior_distances.append(float(np.linalg.norm(answer.action - query.taken)))
+
     def transition_extras(self, lane: int) -> dict[str, Any]:
-        """Env ``lane``'s current prior and its mask.
+        """Env ``lane``'s current prior, its mask, and whether it is still on the way.
 
         Mask 0 when invalid, before guidance, and (``prior_scope: query``) on every transition
-        but the one whose frame the guide answered.
+        but the one whose frame the guide answered. A transition whose answer has not arrived
+        is stored masked and pending; :meth:`collect_answers` fills it in.
         """
-        guided = self.module.prior_weight > 0 and bool(self.prior_valid[lane])
-        if self.covr.prior_scope == "query":
-            guided = guided and bool(self._queried[lane])
-        return {"prior": self.prior_action[lane], "prior_mask": np.float32(guided)}
+        covered = self.covr.prior_scope == "held" or bool(self._queried[lane])
+        waiting = self._lane_query[lane] if covered else None
+        self._row_query[lane] = waiting
+        if waiting is not None:
+            return {
+                "prior": np.zeros(self.action_dim, np.float32),
+                "prior_mask": np.float32(0.0),
+                "prior_pending": np.float32(1.0),
+            }
+        guided = self.module.prior_weight > 0 and bool(self.prior_valid[lane]) and covered
+        return {
+            "prior": self.prior_action[lane],
+            "prior_mask": np.float32(guided),
+            "prior_pending": np.float32(0.0),
+        }
 
     def after_step(self, lane, action, reward, next_obs, terminated, truncated) -> None:
         """Feed D_f: every reward, a row where the VLM-sized frame was rendered.
 
         Nothing in a round that no fine-tune follows (the last): D_f would only be cleared.
         """
+        if (query := self._row_query[lane]) is not None:  # its prior arrives later
+            query.rows.append(int(self.replay.last_transition_id))
         if not self._feeds_sft():
             return
         frame = self._vlm_frames[lane]
@@ -387,15 +480,32 @@ class COVRLoop(RLLoop):
         metrics: dict[str, float] = {}
         queries = self.guide.queries
         rate = self.guide.pop_invalid_rate()
+        if self.worker is not None:
+            stats = self.worker.pop_stats()
+            if stats["frames"]:
+                metrics["guide/query_ms"] = 1000 * stats["busy_seconds"] / stats["frames"]
+                metrics["guide/batch_frames"] = stats["frames"] / stats["calls"]
+            if self._lags:
+                metrics["guide/lag_env_steps"] = float(np.mean(self._lags))
+        elif queries:
+            metrics["guide/query_ms"] = 1000 * self._guide_seconds / queries
         if rate is not None:
             metrics["guide/invalid_rate"] = rate
-            metrics["guide/query_ms"] = 1000 * self._guide_seconds / queries
+        if steps := self.agent_steps - self._agent_steps_at_log:
+            # What guidance costs the agent: time it did not step, per agent step.
+            metrics["guide/stall_ms"] = 1000 * self._guide_seconds / steps
+        self._agent_steps_at_log = self.agent_steps
         if self._prior_distances:
             metrics["guide/prior_distance"] = float(np.mean(self._prior_distances))
-        self._guide_seconds, self._prior_distances = 0.0, []
+        self._guide_seconds, self._prior_distances, self._lags = 0.0, [], []
         if metrics:
             self.tracker.log_metrics(metrics, step=self.env_steps)
         super().log_train_metrics()
+
+    def inspect_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The share of the batch's rows whose prior is still on the way (not for the policy)."""
+        pending = batch.pop("prior_pending")
+        return {"prior_waiting_frac": float(pending.mean())} if self.worker is not None else {}
 
     def metric_name(self, key: str) -> str:
         """The prior's update metrics go with the guide's (``guide/critic_prefers_prior``, ...)."""
@@ -424,6 +534,17 @@ class COVRLoop(RLLoop):
         return out
 
     # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        """Wait for the priors in flight first: a checkpoint holds no half-answered query."""
+        self.collect_answers(wait=True)
+        return super().save()
+
+    def close(self) -> None:
+        """Stop the guide worker, then the envs."""
+        if self.worker is not None:
+            self.worker.close()
+        super().close()
 
     def checkpoint_stores(self) -> dict[str, Any]:
         """Replay and D_f."""

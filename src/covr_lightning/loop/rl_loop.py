@@ -361,8 +361,10 @@ class RLLoop:
     def update(self) -> dict[str, float]:
         """One gradient update of the policy on a replay batch."""
         start = time.perf_counter()
-        batch = self.fabric.to_device(self.replay.sample())
-        metrics = self.policy.training_step(batch, self.updates)
+        batch = self.replay.sample()
+        seen = self.inspect_batch(batch)
+        metrics = self.policy.training_step(self.fabric.to_device(batch), self.updates)
+        metrics.update(seen)
         self.updates += 1
         self._update_seconds += time.perf_counter() - start
         self._updates_in_window += 1
@@ -375,6 +377,10 @@ class RLLoop:
                 "the last good checkpoint with --resume last",
             )
         return metrics
+
+    def inspect_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Metrics of a replay batch before the update; may remove fields the policy never reads."""
+        return {}
 
     def log_train_metrics(self) -> None:
         """Log the window's mean update metrics and throughput at the current env step."""
