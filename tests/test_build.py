@@ -13,9 +13,8 @@ from covr_lightning.build import (
     build_policy,
     build_rl_parts,
     env_class,
-    run_directory,
 )
-from covr_lightning.config import load_recipe
+from covr_lightning.config import load_recipe, run_directory
 from covr_lightning.errors import ConfigError
 from covr_lightning.loop.episodes import EVAL_SEED_OFFSET
 from tests.helpers import TINY

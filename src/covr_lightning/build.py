@@ -30,7 +30,14 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning import Fabric
 
-from covr_lightning.config import COVRConfig, RunConfig, TrackingConfig, import_class, load_recipe
+from covr_lightning.config import (
+    COVRConfig,
+    RunConfig,
+    TrackingConfig,
+    import_class,
+    load_recipe,
+    run_directory,
+)
 from covr_lightning.data.replay import ReplayDataModule
 from covr_lightning.data.sft import SFTDataModule
 from covr_lightning.envs.base import PixelEnv
@@ -48,11 +55,6 @@ from covr_lightning.vlm.codecs import make_codec
 from covr_lightning.vlm.guide import VLMGuide
 from covr_lightning.vlm.module import VLMLoRAModule
 from covr_lightning.vlm.prompting import ActionPrompt, encode_sft_batch
-
-
-def run_directory(cfg: Namespace) -> Path:
-    """``<run.dir>/<tracking.experiment>/<run.name>``: where a run writes everything."""
-    return Path(cfg.run.dir) / cfg.tracking.experiment / cfg.run.name
 
 
 def init_args(component: Namespace) -> dict[str, Any]:

@@ -119,6 +119,8 @@ class COVRConfig:
         guide_async: Answer queries on a worker thread while the agent steps on (default); a
             transition gets its prior when the answer arrives and is masked until then.
             ``false`` waits for each answer (the synchronous path, for debugging).
+        guide_min_batch: Frames the guide worker collects before it answers (asynchronous
+            guidance): larger batches cost less per frame and arrive later.
         guide_threads: CPU threads of the guide worker's kernels (0: torch's default). One
             leaves the other cores to the agent's update.
         sft_epochs: Passes over the filtered D_f per fine-tune.
@@ -146,6 +148,7 @@ class COVRConfig:
     max_new_tokens: NonNegativeInt = 0
     guide_batch_size: PositiveInt = 32
     guide_async: bool = True
+    guide_min_batch: PositiveInt = 8
     guide_threads: NonNegativeInt = 1
     sft_epochs: PositiveInt = 1
     sft_min_steps: NonNegativeInt = 50
@@ -169,6 +172,11 @@ class TrackingConfig:
     experiment: str = "covr-lightning"
     uri: str = ""
     enabled: bool = True
+
+
+def run_directory(cfg: Namespace) -> Path:
+    """``<run.dir>/<tracking.experiment>/<run.name>``: where a run writes everything."""
+    return Path(cfg.run.dir) / cfg.tracking.experiment / cfg.run.name
 
 
 def build_parser() -> ArgumentParser:

@@ -11,7 +11,7 @@ import pytest
 
 import covr_lightning
 from covr_lightning.config import load_recipe
-from covr_lightning.envs import DMCEnv, dmc
+from covr_lightning.envs import DMCEnv
 from covr_lightning.envs.dmc import (
     PAPER_ACTION_REPEAT,
     _LargeFrameRenderer,
@@ -19,6 +19,8 @@ from covr_lightning.envs.dmc import (
     default_action_repeat,
 )
 from covr_lightning.errors import ConfigError
+
+from dm_control import suite  # isort: skip  (after envs.dmc, which picks MuJoCo's GL backend)
 
 SIZE = 64  # small frames keep the file fast on 2 CPU cores
 linux_only = pytest.mark.skipif(
@@ -80,7 +82,7 @@ def test_pixel_spaces_and_stack_at_reset(make_env):
 
 def test_action_repeat_env_steps_and_summed_reward_match_raw_dm_control(make_env):
     env = make_env(domain="cartpole", task="swingup", action_repeat=3, seed=7, obs="state")
-    raw = dmc.suite.load("cartpole", "swingup", task_kwargs={"random": 7})
+    raw = suite.load("cartpole", "swingup", task_kwargs={"random": 7})
     env.reset()
     raw.reset()
     actions = np.random.default_rng(0).uniform(-1, 1, size=(4, 1)).astype(np.float32)

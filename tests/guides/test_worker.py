@@ -91,6 +91,27 @@ def test_queries_that_queue_while_the_guide_works_are_answered_as_one_batch():
     worker.close()
 
 
+def test_the_worker_waits_for_min_batch_frames_unless_drained():
+    guide = ObsGuide()
+    worker = GuideWorker(guide, min_batch=4, max_batch=8)
+    for i in range(3):
+        worker.submit([i], *_query(1, start=i))
+    time.sleep(0.2)
+    assert worker.poll() == [] and guide.batch_sizes == []  # three frames: still collecting
+    worker.submit([3, 4], *_query(2, start=3))  # five now: one call answers all
+    answers = []
+    for _ in range(100):
+        answers += worker.poll()
+        if len(answers) == 5:
+            break
+        time.sleep(0.05)
+    assert sorted(a.ticket for a in answers) == [0, 1, 2, 3, 4] and guide.batch_sizes == [5]
+    worker.submit([5], *_query(1, start=5))
+    assert [a.ticket for a in worker.drain()] == [5]  # drain answers fewer than min_batch
+    assert guide.batch_sizes == [5, 1]
+    worker.close()
+
+
 def test_the_worker_runs_on_its_own_thread_count():
     guide = ObsGuide()
     before = torch.get_num_threads()

@@ -14,8 +14,7 @@ from jsonargparse import Namespace
 from rich.console import Console
 from rich.table import Table
 
-from covr_lightning.build import build_loop, run_directory
-from covr_lightning.config import dump_config, load_recipe
+from covr_lightning.config import dump_config, load_recipe, run_directory
 from covr_lightning.errors import ConfigError
 from covr_lightning.loop.plan import plan_table, schedule_of
 
@@ -54,6 +53,8 @@ def fit(
     Raises:
         ConfigError: A recipe value, checkpoint or machine the run cannot use.
     """
+    from covr_lightning.build import build_loop  # the run's stacks; --dry-run never needs them
+
     loop = build_loop(cfg, resume=resume, parent_run_id=parent_run_id)
     if show_plan:
         Console(stderr=True).print(plan_table(cfg, loop.run_dir))

@@ -45,9 +45,8 @@ from typing import Any
 from jsonargparse import Namespace
 from rich.console import Console
 
-from covr_lightning.build import run_directory
 from covr_lightning.commands.fit import fit, print_dry_run
-from covr_lightning.config import config_to_dict, load_recipe
+from covr_lightning.config import config_to_dict, load_recipe, run_directory
 from covr_lightning.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, ConfigError, RunsFailed
 from covr_lightning.loop.checkpoint import latest_checkpoint
 from covr_lightning.loop.plan import plan_table

@@ -31,16 +31,19 @@ if (
     os.environ["MUJOCO_GL"] = "egl"
     os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import mujoco
 import numpy as np
-from dm_control import _render, suite
-from dm_control.mujoco import engine, wrapper
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from covr_lightning.envs.base import PixelEnv
 from covr_lightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dm_control.mujoco import engine
+
+# dm_control and MuJoCo are imported where an env first needs them (about a second): reading a
+# recipe, `fit --dry-run` and `recipes` never do.
 
 _HEADLESS = sys.platform.startswith("linux") and not os.environ.get("DISPLAY")
 
@@ -90,6 +93,8 @@ def default_action_repeat(domain: str) -> int:
 
 def _check_task(domain: str, task: str) -> None:
     """Raise a one-line ConfigError unless ``domain/task`` is a dm_control suite task."""
+    from dm_control import suite
+
     if (domain, task) in suite.ALL_TASKS:
         return
     tasks: dict[str, list[str]] = {}
@@ -108,11 +113,13 @@ def _check_task(domain: str, task: str) -> None:
 
 def _check_gl_backend() -> None:
     """Raise a ConfigError instead of an OpenGL crash when dm_control chose GLFW with no display."""
+    from dm_control import _render
+
     if _HEADLESS and _render.BACKEND == "glfw":
         raise ConfigError(
             "dm_control chose the GLFW renderer on a machine without a display (it was imported "
-            "before covr_lightning.envs with MUJOCO_GL unset)",
-            "export MUJOCO_GL=egl, or import covr_lightning.envs before dm_control",
+            "before covr_lightning.envs.dmc with MUJOCO_GL unset)",
+            "export MUJOCO_GL=egl, or import covr_lightning.envs.dmc before dm_control",
         )
 
 
@@ -153,6 +160,10 @@ class _LargeFrameRenderer:
     """
 
     def __init__(self, physics: engine.Physics, height: int, width: int, camera_id: int) -> None:
+        import mujoco
+        from dm_control import _render
+        from dm_control.mujoco import wrapper
+
         self.size = (height, width)
         model = physics.model
         self._gl = _render.Renderer(max_width=width, max_height=height)
@@ -173,6 +184,8 @@ class _LargeFrameRenderer:
 
     def render(self, physics: engine.Physics) -> np.ndarray:
         """Returns the current view as a (H, W, 3) uint8 array."""
+        import mujoco
+
         mujoco.mjv_updateScene(
             physics.model.ptr,
             physics.data.ptr,
@@ -187,6 +200,8 @@ class _LargeFrameRenderer:
         return self._gl.to_pixels(self._rgb).copy()  # GL rows start at the bottom: flip
 
     def _draw(self) -> None:
+        import mujoco
+
         mujoco.mjr_render(self._rect, self._scene, self._mjr.ptr)
         mujoco.mjr_readPixels(self._rgb, None, self._rect, self._mjr.ptr)
 
@@ -203,6 +218,8 @@ def _quiet_load(domain: str, task: str, seed: int):
     load: dozens of identical lines per run (train env, eval env, benchmarks) that a user can do
     nothing about.
     """
+    from dm_control import suite
+
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
@@ -394,6 +411,8 @@ class DMCEnv(PixelEnv):
         which costs about as much as the drawing itself at 84x84.
         """
         if self._camera is None:
+            from dm_control.mujoco import engine
+
             self._camera = engine.Camera(
                 self._env.physics, self.image_size, self.image_size, self.camera_id
             )

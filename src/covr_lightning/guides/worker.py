@@ -1,11 +1,13 @@
 """Guidance off the agent's critical path: a guide answering on its own thread.
 
 The agent hands each query (the frames and observations of the envs that ask now) to
-:meth:`GuideWorker.submit` and steps on. The worker thread answers in batches: every query that
-queued while it answered the last batch joins the next one, so a slow guide (a VLM's
-``generate``) is asked fewer, larger batches exactly when it falls behind. The loop collects the
-answers with :meth:`GuideWorker.poll` at its next step and writes each into the transitions that
-were stored while it was on the way (:mod:`covr_lightning.loop.covr_loop`).
+:meth:`GuideWorker.submit` and steps on. The worker thread answers in batches: it waits until
+``min_batch`` frames have queued (or the agent asks for everything, :meth:`GuideWorker.drain`),
+and every further query that queued meanwhile joins, up to ``max_batch``. A VLM's ``generate``
+costs nearly the same for 16 frames as for one, so batching is what makes asking every frame
+affordable; the price is lag, which the loop logs. The loop collects the answers with
+:meth:`GuideWorker.poll` at its next step and writes each into the transitions that were stored
+while it was on the way (:mod:`covr_lightning.loop.covr_loop`).
 
 Threads, not processes: the guide keeps sharing the VLM's weights with the fine-tune, which runs
 only after :meth:`GuideWorker.drain` (no query in flight), and torch releases the GIL inside its
@@ -45,6 +47,9 @@ class Answer:
     valid: bool
 
 
+_FLUSH = "flush"  # queued by drain(): answer what has queued without waiting for min_batch
+
+
 @dataclass
 class _Request:
     tickets: list[int]
@@ -57,7 +62,9 @@ class GuideWorker:
 
     Args:
         guide: The guide that answers (its ``propose`` runs on the worker thread only).
-        max_batch: At most this many frames per ``propose`` call.
+        min_batch: Frames to collect before a ``propose`` call (:meth:`drain` sends fewer).
+        max_batch: At most this many frames per ``propose`` call (a single larger query is
+            answered whole).
         device: The guide model's device; on CUDA the worker gets its own stream.
         threads: Intra-op threads of the worker's CPU kernels (``None``: torch's default). On a
             CPU the agent's update and the guide share the cores; one thread for the guide keeps
@@ -71,20 +78,22 @@ class GuideWorker:
     def __init__(
         self,
         guide: Guide,
+        min_batch: int = 1,
         max_batch: int = 32,
         device: torch.device | str | None = None,
         threads: int | None = 1,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if not 1 <= min_batch <= max_batch:
+            raise ValueError(f"need 1 <= min_batch <= max_batch, got {min_batch} and {max_batch}")
         self.guide = guide
+        self.min_batch = min_batch
         self.max_batch = max_batch
         self.threads = threads
         device = torch.device(device) if device is not None else None
         self._stream = (
             torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
         )
-        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[_Request | str | None] = queue.SimpleQueue()
         self._answers: queue.SimpleQueue[Answer] = queue.SimpleQueue()
         self._pending = 0  # frames submitted and not yet collected (main thread only)
         self._error: BaseException | None = None
@@ -147,6 +156,8 @@ class GuideWorker:
             Exception: The guide's own error, if it failed on the worker thread.
         """
         answers = []
+        if self._pending:
+            self._requests.put(_FLUSH)  # answer what has queued, however few
         while self._pending:
             self._raise_if_failed()
             try:
@@ -203,21 +214,32 @@ class GuideWorker:
                 self._answers.put(Answer(ticket, np.asarray(action, np.float32), bool(ok)))
 
     def _next_batch(self) -> list[_Request] | None:
-        """The oldest query plus whatever else has queued, up to ``max_batch`` frames."""
-        first = self._requests.get()
-        if first is None:
-            return None
-        batch, size = [first], len(first.tickets)
-        while size < self.max_batch:
+        """At least ``min_batch`` frames (fewer after a flush), then what else queued, up to
+        ``max_batch``; ``None`` once closed."""
+        batch: list[_Request] = []
+        size = 0
+        while size < self.min_batch:  # wait for enough frames
+            item = self._requests.get()
+            if item is None:  # close: answer nothing more
+                return None
+            if item is _FLUSH:
+                if batch:
+                    break
+                continue
+            batch.append(item)
+            size += len(item.tickets)
+        while size < self.max_batch:  # take what else has queued, without waiting
             try:
-                nxt = self._requests.get_nowait()
+                item = self._requests.get_nowait()
             except queue.Empty:
                 break
-            if nxt is None:  # close: answer what was taken, then stop at the next get
-                self._requests.put(None)
+            if item is None:
+                self._requests.put(None)  # answer this batch, then stop
                 break
-            batch.append(nxt)
-            size += len(nxt.tickets)
+            if item is _FLUSH:
+                continue
+            batch.append(item)
+            size += len(item.tickets)
         return batch
 
     def _on_stream(self) -> contextlib.AbstractContextManager:

@@ -142,6 +142,7 @@ class COVRLoop(RLLoop):
         self.worker = (
             GuideWorker(
                 self.guide,
+                min_batch=min(self.covr.guide_min_batch, self.covr.guide_batch_size),
                 max_batch=self.covr.guide_batch_size,
                 device=next(covr_parts.vlm.model.parameters()).device,
                 threads=self.covr.guide_threads or None,
