@@ -20,7 +20,6 @@ import importlib
 import inspect
 import re
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +33,13 @@ from jsonargparse.typing import (
 
 from covr_lightning.envs.base import PixelEnv
 from covr_lightning.errors import ConfigError
-from covr_lightning.recipe_files import check_finite, read_recipe
+from covr_lightning.recipe_files import (  # noqa: F401 - find/list are part of this API
+    check_finite,
+    find_recipe,
+    list_recipes,
+    packaged_recipes_dir,
+    read_recipe,
+)
 from covr_lightning.types import VLMImageSize
 
 SECTIONS = ("run", "env", "policy", "replay", "covr", "guide", "vlm", "sft", "tracking")
@@ -205,50 +210,6 @@ def build_parser() -> ArgumentParser:
 
 
 # --------------------------------------------------------------------------- finding recipes
-
-
-def packaged_recipes_dir() -> Path:
-    """The packaged recipes: the top-level ``recipes/`` folder, shipped in the wheel as
-    ``covr_lightning.recipes``."""
-    return Path(str(resources.files("covr_lightning.recipes")))
-
-
-def list_recipes() -> list[tuple[str, str]]:
-    """Every packaged recipe as ``(name, first line of its header comment)``, sorted by name."""
-    root = packaged_recipes_dir()
-    found = []
-    for path in sorted(root.rglob("*.yaml")):
-        summary = ""
-        for line in path.read_text().splitlines():
-            if line.startswith("#"):
-                summary = line.lstrip("# ").strip()
-                if summary:
-                    break
-        found.append((path.relative_to(root).as_posix(), summary))
-    return found
-
-
-def find_recipe(name_or_path: str) -> Path:
-    """Resolve a recipe name (``quickstart``, ``quickstart.yaml``) or a file path.
-
-    Raises:
-        ConfigError: Neither an existing file nor a packaged recipe.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
-    root = packaged_recipes_dir()
-    name = name_or_path if name_or_path.endswith((".yaml", ".yml")) else f"{name_or_path}.yaml"
-    packaged = root / name
-    if packaged.is_file():
-        return packaged
-    names = [n for n, _ in list_recipes()]
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    raise ConfigError(
-        f"no recipe '{name_or_path}' (neither a file nor a packaged recipe)",
-        f"{hint}`covr-lightning recipes` lists the packaged ones; or pass a path to a YAML file",
-    )
 
 
 # --------------------------------------------------------------------------- parsing

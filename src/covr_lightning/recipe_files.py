@@ -1,4 +1,4 @@
-"""Recipe files: read one safely, compose it over its base, and refuse what is not a recipe.
+"""Recipe files: find one, read it safely, compose it over its base, refuse what is not a recipe.
 
 :func:`read_recipe` turns a file into one mapping of sections with its ``base`` chain merged in
 (the rule is :func:`merge_recipes`); :mod:`covr_lightning.config` then validates the values.
@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +180,50 @@ def check_finite(tree: dict[str, Any], where: str, prefix: str = "") -> None:
                 f"recipe key '{name}' is {value}, not a finite number",
                 f"give {name} a finite value in {where} or as an override",
             )
+
+
+# --------------------------------------------------------------------------- finding
+
+
+def packaged_recipes_dir() -> Path:
+    """The packaged recipes: the top-level ``recipes/`` folder, shipped in the wheel as
+    ``covr_lightning.recipes``."""
+    return Path(str(resources.files("covr_lightning.recipes")))
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """Every packaged recipe as ``(name, first line of its header comment)``, sorted by name."""
+    root = packaged_recipes_dir()
+    found = []
+    for path in sorted(root.rglob("*.yaml")):
+        summary = ""
+        for line in path.read_text().splitlines():
+            if line.startswith("#"):
+                summary = line.lstrip("# ").strip()
+                if summary:
+                    break
+        found.append((path.relative_to(root).as_posix(), summary))
+    return found
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """Resolve a recipe name (``quickstart``, ``quickstart.yaml``) or a file path.
+
+    Raises:
+        ConfigError: Neither an existing file nor a packaged recipe.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    root = packaged_recipes_dir()
+    name = name_or_path if name_or_path.endswith((".yaml", ".yml")) else f"{name_or_path}.yaml"
+    packaged = root / name
+    if packaged.is_file():
+        return packaged
+    names = [n for n, _ in list_recipes()]
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(
+        f"no recipe '{name_or_path}' (neither a file nor a packaged recipe)",
+        f"{hint}`covr-lightning recipes` lists the packaged ones; or pass a path to a YAML file",
+    )

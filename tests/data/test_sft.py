@@ -15,6 +15,7 @@ import pytest
 from jsonargparse import ArgumentError, ArgumentParser
 
 from covr_lightning.data.sft import SFTDataModule
+from covr_lightning.data.sft_loader import LengthBuckets
 from covr_lightning.errors import ConfigError
 
 LN3 = math.log(3.0)  # s(ln 3) = sigmoid(-ln 3) = 1 / (1 + 3) = 0.25 with the default sign
@@ -285,7 +286,7 @@ def test_zero_weight_rows_are_dropped_and_served_weights_match():
     np.testing.assert_allclose(dm.built_weights, [1 / 9, 3 / 9, 5 / 9, 7 / 9, 1])
     assert metrics["ralw/mean_weight"] == pytest.approx(25 / 9 / 10)
     batches = epoch(dm)
-    assert [len(b["tags"]) for b in batches] == [2, 2, 1]
+    assert sorted(len(b["tags"]) for b in batches) == [1, 2, 2]
     served = {t: w for b in batches for t, w in zip(b["tags"], b["weights"], strict=True)}
     assert served == pytest.approx({5: 1 / 9, 6: 3 / 9, 7: 5 / 9, 8: 7 / 9, 9: 1.0})
     targets = {t: s for b in batches for t, s in zip(b["tags"], b["targets"], strict=True)}
@@ -311,13 +312,33 @@ def test_dataloader_serves_every_row_once_per_epoch_shuffled_and_seeded():
     orders = []
     for _ in range(2):
         batches = epoch(dm)
-        assert [len(b["tags"]) for b in batches] == [4, 4, 2]
-        assert [b["frames"].shape for b in batches] == [(4, 8, 8, 3), (4, 8, 8, 3), (2, 8, 8, 3)]
+        assert sorted(len(b["tags"]) for b in batches) == [2, 4, 4]  # batch order is shuffled
+        assert all(b["frames"].shape == (len(b["tags"]), 8, 8, 3) for b in batches)
         order = [t for b in batches for t in b["tags"]]
         assert sorted(order) == list(range(10))
         orders.append(order)
     assert orders[0] != orders[1] and orders[0] != list(range(10))  # reshuffled every epoch
     assert [t for b in epoch(keep_all()) for t in b["tags"]] == orders[0]  # same seed, same order
+
+
+def test_length_buckets_batch_similar_lengths_and_serve_every_example_once():
+    lengths = np.random.default_rng(0).integers(5, 40, size=300)
+    rng = np.random.default_rng(1)
+    sampler = LengthBuckets(lambda: rng, lengths, batch_size=8, pool_batches=4)
+    epochs = [list(sampler) for _ in range(2)]
+    for batches in epochs:
+        assert len(batches) == len(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(300))  # once each
+    assert epochs[0] != epochs[1]  # a fresh draw every epoch
+
+    def padding(batches):
+        return sum(len(b) * lengths[b].max() - lengths[b].sum() for b in batches)
+
+    plain = [list(b) for b in np.array_split(np.random.default_rng(2).permutation(300), 38)]
+    assert padding(epochs[0]) < padding(plain) / 3  # sorted pools pad far less than random batches
+    # The batch order is random, not longest-last.
+    first_half = np.mean([lengths[b].mean() for b in epochs[0][:19]])
+    assert abs(first_half - lengths.mean()) < 5
 
 
 def test_dataloader_needs_a_non_empty_build():

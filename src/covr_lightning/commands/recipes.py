@@ -7,7 +7,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from covr_lightning.config import list_recipes, packaged_recipes_dir
+from covr_lightning.recipe_files import list_recipes, packaged_recipes_dir
 
 
 def run(args: argparse.Namespace) -> int:

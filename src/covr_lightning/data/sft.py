@@ -101,6 +101,8 @@ class SFTDataModule(lightning.LightningDataModule):
         ralw_mode: ``return`` (RALW), or the ablations ``none`` (all weights 1) and ``random``.
         max_rows: Most rows D_f holds in a round; further rows are dropped (and counted).
         seed: Seed of the generator used by the random ablations and by batch shuffling.
+        bucket_by_length: Batch examples of similar target length, so less of a batch is
+            padding (:class:`~covr_lightning.data.sft_loader.LengthBuckets`).
 
     The argument types are checked when a recipe is parsed; built directly in Python, the values
     are taken as given.
@@ -119,9 +121,11 @@ class SFTDataModule(lightning.LightningDataModule):
         ralw_mode: RALWMode = "return",
         max_rows: PositiveInt = 50_000,
         seed: NonNegativeInt = 0,
+        bucket_by_length: bool = True,
     ) -> None:
         super().__init__()
         self.batch_size = int(batch_size)
+        self.bucket_by_length = bool(bucket_by_length)
         self.gamma = 0.99 if gamma is None else float(gamma)
         self.return_signal = return_signal
         self.eddf_mode = eddf_mode
@@ -388,7 +392,13 @@ class SFTDataModule(lightning.LightningDataModule):
             raise RuntimeError(
                 "SFT set is empty (build() kept no row): check num_examples before fine-tuning"
             )
-        return built_dataloader(self._rows.frames, self._built, self.batch_size, lambda: self._rng)
+        return built_dataloader(
+            self._rows.frames,
+            self._built,
+            self.batch_size,
+            lambda: self._rng,
+            bucket_by_length=self.bucket_by_length,
+        )
 
     # ------------------------------------------------------------------ state & checkpoints
     def state_dict(self) -> dict[str, Any]:

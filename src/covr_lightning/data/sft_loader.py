@@ -1,4 +1,9 @@
-"""Serving the built SFT set: a reshuffled, single-process dataloader of collated batches."""
+"""Serving the built SFT set: a reshuffled, single-process dataloader of collated batches.
+
+A batch is padded to its longest example, so by default batches are drawn from examples of
+similar length (:class:`LengthBuckets`): the prompt and image tokens are the same for every row,
+and what varies is the target text (a codec's answer, e.g. ``[0.12, -0.5]``).
+"""
 
 from __future__ import annotations
 
@@ -48,11 +53,54 @@ class SeededShuffle(Sampler[int]):
         return iter(self.rng().permutation(self.size).tolist())
 
 
+class LengthBuckets(Sampler[list[int]]):
+    """Batches of examples of similar length, in random order (a fresh draw every epoch).
+
+    Each epoch: a random permutation, cut into pools of ``pool_batches`` batches; each pool is
+    sorted by length and cut into batches; the batches of all pools are served shuffled. So a
+    batch pads to a length close to its own examples', while which examples meet in a batch and
+    the batch order stay random (sorting the whole set would serve the long ones last).
+
+    Args:
+        rng: Returns the generator at the start of each epoch (a load may replace it).
+        lengths: ``(N,)`` length of each example (characters of its target text).
+        batch_size: Examples per batch; a pool's last batch may be smaller.
+        pool_batches: Batches per sorted pool.
+    """
+
+    def __init__(
+        self,
+        rng: Callable[[], np.random.Generator],
+        lengths: np.ndarray,
+        batch_size: int,
+        pool_batches: int = 16,
+    ) -> None:
+        self.rng, self.lengths = rng, np.asarray(lengths)
+        self.batch_size, self.pool = batch_size, batch_size * pool_batches
+
+    def __len__(self) -> int:
+        n, full = len(self.lengths), self.pool
+        return (n // full) * -(-full // self.batch_size) + -(-(n % full) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = self.rng()
+        order = rng.permutation(len(self.lengths))
+        batches = []
+        for start in range(0, len(order), self.pool):
+            pool = order[start : start + self.pool]
+            pool = pool[np.argsort(self.lengths[pool], kind="stable")]
+            batches += [
+                pool[i : i + self.batch_size].tolist() for i in range(0, len(pool), self.batch_size)
+            ]
+        return iter([batches[i] for i in rng.permutation(len(batches))])
+
+
 def built_dataloader(
     frames: np.ndarray,
     built: BuiltSet,
     batch_size: int,
     rng: Callable[[], np.random.Generator],
+    bucket_by_length: bool = True,
 ) -> DataLoader:
     """Batches of the built set, reshuffled every epoch, as ``collate(frames, targets, weights)``.
 
@@ -61,6 +109,8 @@ def built_dataloader(
         built: The built set (at least one example).
         batch_size: Examples per batch; the last batch may be smaller.
         rng: Returns the generator that shuffles each epoch.
+        bucket_by_length: Batch examples of similar target length (:class:`LengthBuckets`);
+            ``False`` draws batches from one plain permutation.
 
     Returns:
         A single-process ``DataLoader``: each epoch serves every example once.
@@ -71,6 +121,14 @@ def built_dataloader(
         return built.collate(list(rows), list(targets), np.asarray(weights, dtype=np.float64))
 
     rows = BuiltRows(frames, built)
+    if bucket_by_length:
+        lengths = np.array([len(target) for target in built.targets])
+        return DataLoader(
+            rows,
+            batch_sampler=LengthBuckets(rng, lengths, batch_size),
+            num_workers=0,
+            collate_fn=collate_rows,
+        )
     return DataLoader(
         rows,
         batch_size=batch_size,

@@ -282,14 +282,17 @@ class COVRLoop(RLLoop):
         trainable = [p for group in optimizer.param_groups for p in group["params"]]
         vlm.train()
         sums: dict[str, float] = {}
-        steps = passes = 0
+        steps = passes = tokens = slots = 0
         capped = False
+        start = time.perf_counter()
         try:
             # sft_epochs passes, repeated until sft_min_steps (a floor, so a round with few kept
             # rows still trains), never past sft_max_steps.
             while not capped and (passes < covr.sft_epochs or steps < covr.sft_min_steps):
                 passes += 1
                 for batch in self.sft.train_dataloader():
+                    mask = batch["attention_mask"]
+                    tokens, slots = tokens + int(mask.sum()), slots + mask.numel()
                     batch = {k: v.to(device) for k, v in batch.items()}
                     loss = vlm.training_step(batch, steps)
                     if not torch.isfinite(loss):
@@ -318,6 +321,9 @@ class COVRLoop(RLLoop):
         metrics = {key: value / max(steps, 1) for key, value in sums.items()}
         metrics["vlm/sft_steps"] = float(steps)
         metrics["vlm/sft_passes"] = float(passes)
+        # Throughput over real tokens (prompt, image and answer; padding excluded).
+        metrics["vlm/sft_tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
+        metrics["vlm/sft_padding_frac"] = 1 - tokens / max(slots, 1)
         return metrics
 
     # ------------------------------------------------------------------ per step

@@ -63,6 +63,11 @@ class PixelEncoder(nn.Module):
         num_layers: Number of conv layers (4 in RAD/CURL).
         num_filters: Channels of every conv layer (32 in RAD/CURL).
 
+    Attributes:
+        bf16: Compute the convs and the fc layer in bfloat16 (autocast); parameters, LayerNorm
+            and output stay float32. The policy switches it on for its update only
+            (``SACPolicyModule.encoder_precision``, :mod:`covr_lightning.policies.precision`).
+
     Raises:
         ConfigError: If ``obs_shape`` is not 3-d or the image is too small for the conv stack.
     """
@@ -75,6 +80,7 @@ class PixelEncoder(nn.Module):
         num_filters: int = 32,
     ) -> None:
         super().__init__()
+        self.bf16 = False
         obs_shape = tuple(int(s) for s in obs_shape)
         if len(obs_shape) != 3:
             raise ConfigError(
@@ -116,8 +122,13 @@ class PixelEncoder(nn.Module):
         """
         # uint8 / float -> float32 in one kernel (true division promotes integers to float).
         obs = obs.contiguous(memory_format=torch.channels_last)  # no copy if already so
-        h = self.convs(obs / 255.0).flatten(1)
-        return torch.tanh(self.ln(self.fc(h)))
+        if self.bf16:
+            with torch.autocast(obs.device.type, dtype=torch.bfloat16):
+                h = self.fc(self.convs(obs / 255.0).flatten(1))
+            h = h.float()
+        else:
+            h = self.fc(self.convs(obs / 255.0).flatten(1))
+        return torch.tanh(self.ln(h))
 
 
 class StateEncoder(nn.Module):

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from covr_lightning.policies import losses
 from covr_lightning.policies.networks import Actor, TwinCritic, make_encoder, weight_init
+from covr_lightning.policies.precision import EncoderPrecision, use_bf16
 from covr_lightning.types import OpenClosedUnitInterval
 
 Tau = OpenClosedUnitInterval
@@ -120,6 +121,11 @@ class SACPolicyModule(lightning.LightningModule):
         target_update_every: Update the targets every this many steps (2).
         actor_log_std_min: Lower bound of the actor's log sigma (-10).
         actor_log_std_max: Upper bound of the actor's log sigma (2).
+        encoder_precision: Compute of the pixel encoders' convs during :meth:`training_step`:
+            ``auto`` (bf16 where the device has native bf16 units, e.g. AVX-512-BF16/AMX CPUs
+            and Ampere+ GPUs; else float32), ``bf16`` or ``fp32``. Weights, Q-heads, targets and
+            losses stay float32; acting, evaluation and export compute in float32
+            (docs/performance.md).
 
     Raises:
         ConfigError: On an unsupported ``obs_shape``. Value ranges are stated by the argument
@@ -146,6 +152,7 @@ class SACPolicyModule(lightning.LightningModule):
         target_update_every: PositiveInt = 2,
         actor_log_std_min: float = -10.0,
         actor_log_std_max: float = 2.0,
+        encoder_precision: EncoderPrecision = "auto",
     ) -> None:
         super().__init__()
         # Value ranges are in the signature's types (checked when a recipe is parsed); the
@@ -172,6 +179,7 @@ class SACPolicyModule(lightning.LightningModule):
         self.encoder = make_encoder(
             self.network_obs_shape, feature_dim, num_layers=num_conv_layers, num_filters=num_filters
         )
+        self.encoder_precision = encoder_precision
         self.actor = Actor(
             feature_dim, action_dim, hidden_dim, actor_log_std_min, actor_log_std_max
         )
@@ -405,6 +413,23 @@ class SACPolicyModule(lightning.LightningModule):
         Returns:
             Flat dict of floats for the terms computed this step (one host sync in total).
         """
+        with self._update_precision():
+            return self._update(batch)
+
+    @contextmanager
+    def _update_precision(self) -> Iterator[None]:
+        """The encoders compute in bf16 during an update where ``encoder_precision`` says so."""
+        bf16 = use_bf16(self.encoder_precision, self.device)
+        encoders = [e for e in (self.encoder, self.target_encoder) if hasattr(e, "bf16")]
+        for encoder in encoders:
+            encoder.bf16 = bf16
+        try:
+            yield
+        finally:
+            for encoder in encoders:
+                encoder.bf16 = False
+
+    def _update(self, batch: dict[str, Tensor]) -> dict[str, float]:
         actor_opt, critic_opt, temperature_opt = self._get_optimizers()
         step = self.update_step
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
