@@ -123,8 +123,10 @@ class PixelEncoder(nn.Module):
         # uint8 / float -> float32 in one kernel (true division promotes integers to float).
         obs = obs.contiguous(memory_format=torch.channels_last)  # no copy if already so
         if self.bf16:
+            # Pixels straight to bf16 (0..255 are exact in bf16): no float32 copy of the batch.
+            x = obs.to(torch.bfloat16, copy=True).mul_(1 / 255.0)
             with torch.autocast(obs.device.type, dtype=torch.bfloat16):
-                h = self.fc(self.convs(obs / 255.0).flatten(1))
+                h = self.fc(self.convs(x).flatten(1))
             h = h.float()
         else:
             h = self.fc(self.convs(obs / 255.0).flatten(1))
