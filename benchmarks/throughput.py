@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                       # quickstart recipe, CPU (+ CUDA if present)
     python benchmarks/throughput.py --recipe dmc_cheetah --updates 20
     python benchmarks/throughput.py --recipe quickstart replay.batch_size=128
+    python benchmarks/throughput.py --recipe dmc_cheetah replay.batch_size=128 --profile 10
 
 Figures:
   render    env frames/s of the recipe's env (one render per agent step), next to dm_control's
@@ -10,6 +11,8 @@ Figures:
   updates   SAC updates/s at the recipe's batch size, per device
   training  env steps/s of the real loop (act + env step + replay + one update per agent step)
             after warm-up, per device; MLflow off, checkpoints in a temporary folder
+  profile   with ``--profile N``: where N updates spend their time (torch.profiler, self time per
+            operator, ms per update), CPU only
 """
 
 from __future__ import annotations
@@ -51,8 +54,8 @@ def render_speed(cfg, steps: int) -> tuple[float, float]:
     return ours, default
 
 
-def update_speed(cfg, device: str, updates: int) -> float:
-    """SAC updates per second at the recipe's batch size on ``device``."""
+def _update_setup(cfg, device: str):
+    """The recipe's policy set up by Fabric, a random batch at its batch size, and the env."""
     from lightning import Fabric
 
     env = build_env(cfg, seed=0)
@@ -71,7 +74,12 @@ def update_speed(cfg, device: str, updates: int) -> float:
     }
     if env.observation_space.dtype != np.uint8:
         batch["obs"] = batch["next_obs"] = torch.randn(batch_size, *obs_shape)
-    batch = fabric.to_device(batch)
+    return policy, fabric.to_device(batch), env
+
+
+def update_speed(cfg, device: str, updates: int) -> float:
+    """SAC updates per second at the recipe's batch size on ``device``."""
+    policy, batch, env = _update_setup(cfg, device)
     for step in range(3):  # warm-up (allocator, cuDNN autotune)
         policy.training_step(batch, step)
     if device == "cuda":
@@ -83,6 +91,26 @@ def update_speed(cfg, device: str, updates: int) -> float:
         torch.cuda.synchronize()
     env.close()
     return updates / (time.perf_counter() - start)
+
+
+def update_profile(cfg, updates: int, rows: int = 14) -> None:
+    """Print the operators that take the most self time over ``updates`` CPU updates."""
+    from torch.profiler import ProfilerActivity, profile
+
+    policy, batch, env = _update_setup(cfg, "cpu")
+    for step in range(3):
+        policy.training_step(batch, step)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for step in range(updates):
+            policy.training_step(batch, step)
+    env.close()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) / 1000 / updates
+    print(f"profile   {total:.0f} ms per update (self time, all operators), top {rows}:")
+    for event in events[:rows]:
+        ms = event.self_cpu_time_total / 1000 / updates
+        calls = event.count / updates
+        print(f"  {ms:7.1f} ms  {100 * ms / total:4.1f} %  {calls:5.1f} calls  {event.key}")
 
 
 def training_speed(recipe: str, overrides: list[str], device: str, env_steps: int) -> float:
@@ -119,6 +147,7 @@ def main() -> None:
     parser.add_argument("--render-steps", type=int, default=300)
     parser.add_argument("--updates", type=int, default=30)
     parser.add_argument("--train-env-steps", type=int, default=800)
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N updates")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -138,6 +167,8 @@ def main() -> None:
     for device in devices:
         speed = update_speed(cfg, device, args.updates)
         print(f"updates   {speed:8.2f} updates/s   ({1000 / speed:.0f} ms per update)   [{device}]")
+    if args.profile:
+        update_profile(cfg, args.profile)
     for device in devices:
         speed = training_speed(args.recipe, args.overrides, device, args.train_env_steps)
         print(f"training  {speed:8.2f} env steps/s   [{device}]")

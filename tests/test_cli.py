@@ -52,6 +52,21 @@ def test_dry_run_prints_config_and_plan(capsys, workdir):
     assert not (workdir / "runs").exists()
 
 
+def test_overrides_may_sit_between_flags_in_order(capsys, workdir):
+    argv = ["fit", "--recipe", "quickstart", "run.seed=5", "--dry-run", "run.seed=7", "run.name=x"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "seed: 7" in out and "name: x" in out  # the later override of a key wins
+
+
+def test_an_unknown_flag_between_overrides_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--recipe", "quickstart", "run.seed=5", "--dryrun", "run.name=x"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --dryrun" in err and "run.name=x" not in err
+
+
 def test_dry_run_plan_uses_the_per_task_action_repeat(capsys, workdir):
     assert main(["fit", "--recipe", "quickstart", "--dry-run", "env.action_repeat=null"]) == 0
     assert "(2,500 agent steps, action repeat 8)" in capsys.readouterr().out  # cartpole: 8

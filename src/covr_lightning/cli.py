@@ -152,9 +152,28 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; ``fit``'s ``KEY=VALUE`` overrides may sit between its flags.
+
+    argparse gives a ``nargs="*"`` positional only its first run of values, so
+    ``fit --recipe q a=1 --seeds 1-3 b=2`` would refuse ``b=2``; the later runs are appended to
+    the overrides in the order given (a later override of the same key wins, as always).
+    """
+    parser = build_cli()
+    args, extra = parser.parse_known_args(argv)
+    overrides = getattr(args, "overrides", None)
+    late = [a for a in extra if overrides is not None and "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in late]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if late:
+        args.overrides = [*overrides, *late]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``covr-lightning`` command."""
-    args = build_cli().parse_args(argv)
+    args = parse(argv)
     debug = getattr(args, "debug", False)
     # SIGTERM (e.g. a scheduler's kill) takes the same path as Ctrl-C: checkpoint, then exit.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
