@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -112,3 +114,28 @@ def test_bad_kind_or_bounds():
         make_codec("numeric", [1.0], [1.0])
     with pytest.raises(ValueError, match="phrase sets"):
         make_codec("carla", [-1, -1, -1], [1, 1, 1])
+
+
+@settings(max_examples=200)
+@given(st.sampled_from(list(CODECS)), st.data())
+def test_every_answer_matches_the_answer_pattern(kind, data):
+    # Guided decoding constrains a server to this pattern: it must admit every encode() output.
+    codec = CODECS[kind]
+    action = np.array(
+        [data.draw(st.floats(lo, hi)) for lo, hi in zip(codec.low, codec.high, strict=True)]
+    )
+    assert re.fullmatch(codec.answer_pattern(), codec.encode(action))
+
+
+@pytest.mark.parametrize(
+    ("kind", "text"),
+    [
+        ("numeric", "torques: [0.12, -0.80]"),  # two values for three dimensions
+        ("numeric", "torques: [0.1, -0.80, 0.33]"),  # one decimal
+        ("numeric", "I would push: [0.12, -0.80, 0.33]"),
+        ("car_racing", "steer left, full gas"),
+        ("carla", "brake hard, steer left"),  # the wrong joiner
+    ],
+)
+def test_the_answer_pattern_refuses_other_text(kind, text):
+    assert re.fullmatch(CODECS[kind].answer_pattern(), text) is None

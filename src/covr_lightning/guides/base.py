@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,6 +101,15 @@ class Guide(ABC):
         self.queries += len(valid)
         self.invalid += int((~valid).sum())
         return actions, valid
+
+    def adapter_saved(self, folder: Path, name: str) -> None:
+        """The VLM's adapter after a fine-tune was written to ``folder`` (default: nothing to do;
+        a guide served from elsewhere loads it there, see :mod:`covr_lightning.guides.served`)."""
+        return None
+
+    def close(self) -> None:
+        """Release what the guide holds (threads, connections); default: nothing."""
+        return None
 
     def pop_invalid_rate(self) -> float | None:
         """Share of invalid answers since the last call (None without queries); resets counters."""

@@ -184,6 +184,7 @@ class COVRLoop(RLLoop):
         self.tracker.log_metrics({"vlm/trainable_share": vlm.trainable_share}, step=self.env_steps)
         if self.env_steps == 0 and self.covr.vlm_eval_episodes:  # the VLM before any fine-tune
             self.progress.log(f"VLM alone before fine-tuning: {self._evaluate_vlm(-1)}")
+        self._push_latest_adapter()
         while self.round_index < len(self.rounds):
             current = self.rounds[self.round_index]
             if self.phase == "rl":
@@ -197,6 +198,22 @@ class COVRLoop(RLLoop):
             self.phase = "rl"
             self.round_index += 1
             self.save()  # after the fine-tune: D_f cleared, adapter updated
+
+    def _adapter_name(self, round_index: int) -> str:
+        """A name per run and round, so a server never serves one round's weights as another's."""
+        return f"{self.run_dir.name}-round{round_index}"
+
+    def _push_latest_adapter(self) -> None:
+        """On resume, hand the guide the adapter of the last fine-tune before this round (the one
+        the checkpoint holds); a fresh run has none."""
+        saved = [
+            index
+            for index in range(self.round_index)
+            if (self.run_dir / "adapters" / f"round_{index}").is_dir()
+        ]
+        if saved:
+            folder = self.run_dir / "adapters" / f"round_{saved[-1]}"
+            self.guide.adapter_saved(folder, self._adapter_name(saved[-1]))
 
     def _rl_phase(self, current: Round) -> None:
         guided = current.guided
@@ -234,6 +251,7 @@ class COVRLoop(RLLoop):
                 metrics.update(self.fine_tune())
             folder = self.vlm.save_adapter(self.run_dir / "adapters" / f"round_{current.index}")
             self.tracker.log_artifact(folder, artifact_path=f"adapters/round_{current.index}")
+            self.guide.adapter_saved(folder, self._adapter_name(current.index))
             vlm_line = (
                 f"{int(metrics['vlm/sft_steps'])} SFT steps, loss {metrics['vlm/sft_loss']:.3f}"
             )
@@ -551,6 +569,7 @@ class COVRLoop(RLLoop):
         """Stop the guide worker, then the envs."""
         if self.worker is not None:
             self.worker.close()
+        self.guide.close()
         super().close()
 
     def checkpoint_stores(self) -> dict[str, Any]:

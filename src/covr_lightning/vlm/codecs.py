@@ -37,6 +37,12 @@ _BRACKETS = re.compile(r"\[([^\[\]]*)\]")
 _TOLERANCE = 0.05  # share of a dimension's range a numeric answer may overshoot and still count
 
 
+def _literal(text: str) -> str:
+    """``text`` as a regular expression matching itself. Only the metacharacters are escaped
+    (``re.escape`` also escapes spaces, which some servers' regex dialects refuse)."""
+    return re.sub(r"([\\.^$*+?()\[\]{}|])", r"\\\1", text)
+
+
 def _as_bounds(low, high) -> tuple[np.ndarray, np.ndarray]:
     low = np.asarray(low, dtype=np.float64).reshape(-1)
     high = np.asarray(high, dtype=np.float64).reshape(-1)
@@ -75,6 +81,13 @@ class NumericCodec:
         values = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), self.low, self.high)
         # "+ 0.0" turns -0.00 into 0.00 so equal actions always give equal text.
         return f"{self.label}: [{', '.join(f'{round(v, 2) + 0.0:.2f}' for v in values)}]"
+
+    def answer_pattern(self) -> str:
+        """A regular expression every :meth:`encode` output matches in full (for servers that
+        constrain generation to it: guided decoding)."""
+        digits = len(str(int(np.ceil(np.abs(np.concatenate([self.low, self.high])).max())))) or 1
+        value = rf"-?[0-9]{{1,{digits}}}\.[0-9]{{2}}"
+        return rf"{_literal(self.label)}: \[{value}(, {value}){{{self.action_dim - 1}}}\]"
 
     def decode(self, text: str) -> tuple[np.ndarray, bool]:
         """Read the action back; never raises."""
@@ -184,6 +197,14 @@ class PhraseCodec:
             for levels, c in zip(self.dimensions, canonical, strict=True)
         ]
         return self.joiner.join(phrases)
+
+    def answer_pattern(self) -> str:
+        """A regular expression every :meth:`encode` output matches in full (guided decoding)."""
+        choices = [
+            "(" + "|".join(_literal(level.phrase) for level in levels) + ")"
+            for levels in self.dimensions
+        ]
+        return _literal(self.joiner).join(choices)
 
     def decode(self, text: str) -> tuple[np.ndarray, bool]:
         """Find exactly one phrase per dimension; never raises."""
