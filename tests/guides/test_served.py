@@ -167,3 +167,31 @@ def test_a_covr_run_is_guided_through_the_server_and_pushes_each_round(workdir):
         assert [name for kind, name in server.events if kind == "unload"] == loads[:-1]
         assert server.requests  # guided rounds asked the server
         assert {r["model"] for r in server.requests} <= {server.model, *loads}
+
+
+def test_a_resumed_run_hands_the_server_its_latest_adapter(workdir):
+    from tests.loop.test_covr_loop import COVR_TINY, _loop
+
+    vlm = _vlm(4)
+    prompt = ActionPrompt("swing the pole up and balance it", "")
+    codec = make_codec("numeric", -np.ones(1), np.ones(1))
+    with ChatServer(vlm, prompt, codec) as server:
+        loop = _loop(
+            [
+                *COVR_TINY,
+                "tracking.enabled=false",
+                "guide.class_path=covr_lightning.guides.served.ServedVLMGuide",
+                f"guide.init_args.url={server.url}",
+                f"guide.init_args.model={server.model}",
+            ],
+            "resumed",
+        )
+        loop._push_latest_adapter()  # a fresh run: nothing saved, nothing loaded
+        assert server.events == []
+        for index in (0, 1):
+            loop.vlm.save_adapter(loop.run_dir / "adapters" / f"round_{index}")
+        loop.round_index = 2  # as a checkpoint taken in round 2 restores it
+        loop._push_latest_adapter()
+        assert server.events == [("load", "resumed-round1")]
+        assert server.adapters["resumed-round1"].endswith("adapters/round_1")
+        loop.close()

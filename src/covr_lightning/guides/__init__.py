@@ -8,6 +8,7 @@ mechanism without a VLM. A recipe picks one with ``guide.class_path``.
 
 from covr_lightning.guides.base import Guide, GuideContext
 from covr_lightning.guides.policy import PolicyGuide
+from covr_lightning.guides.served import ServedVLMGuide
 from covr_lightning.guides.uniform import UniformGuide
 
-__all__ = ["Guide", "GuideContext", "PolicyGuide", "UniformGuide"]
+__all__ = ["Guide", "GuideContext", "PolicyGuide", "ServedVLMGuide", "UniformGuide"]
