@@ -42,6 +42,7 @@ from covr_lightning.errors import ConfigError, TrainingDivergedError
 from covr_lightning.guides.base import Guide
 from covr_lightning.guides.worker import GuideWorker
 from covr_lightning.loop.episodes import run_vlm_episodes
+from covr_lightning.loop.interrupt import raise_if_stop_requested
 from covr_lightning.loop.rl_loop import RLLoop, RLParts
 from covr_lightning.loop.rng import FINE_TUNE, VLM_EVAL, vlm_stream
 from covr_lightning.loop.schedule import Round, plan_rounds, schedule_table
@@ -198,6 +199,7 @@ class COVRLoop(RLLoop):
             self.phase = "rl"
             self.round_index += 1
             self.save()  # after the fine-tune: D_f cleared, adapter updated
+            raise_if_stop_requested()  # a stop during the fine-tune waits for it (and this save)
 
     def _adapter_name(self, round_index: int) -> str:
         """A name per run and round, so a server never serves one round's weights as another's."""

@@ -40,6 +40,7 @@ from covr_lightning.envs.vector import EnvPool
 from covr_lightning.errors import ConfigError, TrainingDivergedError
 from covr_lightning.loop import checkpoint as ckpt
 from covr_lightning.loop.episodes import EpisodeResults, evaluation_seed, run_episodes
+from covr_lightning.loop.interrupt import deferred_interrupts, raise_if_stop_requested
 from covr_lightning.policies.sac import SACPolicyModule
 from covr_lightning.tracking.mlflow import MLflowTracker, flatten
 from covr_lightning.tracking.progress import TrainingProgress
@@ -196,7 +197,8 @@ class RLLoop:
             tags={"run_dir": str(self.run_dir.resolve())},
         )
         status = "FAILED"
-        with TrainingProgress(self.run.total_env_steps, self.env_steps) as self.progress:
+        progress = TrainingProgress(self.run.total_env_steps, self.env_steps)
+        with progress as self.progress, deferred_interrupts():
             self._announce()
             for line in changed:
                 self.progress.log(line)
@@ -244,6 +246,7 @@ class RLLoop:
             if self.lane_obs[lane] is None:
                 self.lane_obs[lane] = self.start_episode(lane)
         while self.env_steps < env_step_target:
+            raise_if_stop_requested()  # between agent steps: replay, lanes and counters agree
             obs = np.stack(self.lane_obs)
             actions = self.select_actions(obs)
             next_obs, rewards, terminated, truncated, infos = self.envs.step(actions)
