@@ -4,4 +4,5 @@ import sys
 
 from covr_lightning.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # a spawned fine-tune process imports this module: it must not rerun
+    sys.exit(main())

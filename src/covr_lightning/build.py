@@ -47,6 +47,7 @@ from covr_lightning.guides.base import Guide, GuideContext
 from covr_lightning.loop import checkpoint as ckpt
 from covr_lightning.loop.covr_loop import COVRLoop, COVRParts
 from covr_lightning.loop.episodes import evaluation_seed
+from covr_lightning.loop.fine_tune import check_devices
 from covr_lightning.loop.rl_loop import RLLoop, RLParts
 from covr_lightning.loop.rng import GUIDE, VLM_BUILD, stream_seed, vlm_stream
 from covr_lightning.policies.sac import SACPolicyModule
@@ -306,6 +307,8 @@ def build_loop(
     Raises:
         ConfigError: Any recipe value the build or the checkpoint refuses.
     """
+    if cfg.covr.enabled:  # before the run directory exists: a refused run leaves nothing
+        check_devices(cfg.covr.sft_strategy, cfg.covr.sft_devices, cfg.run.accelerator)
     run_dir, resume_from = prepare_run_dir(cfg, resume)
     parts = build_rl_parts(cfg, parent_run_id)
     if not cfg.covr.enabled:

@@ -135,6 +135,11 @@ class COVRConfig:
         vlm_eval_episodes: Episodes of the VLM acting alone (``vlm/eval_return``) before the
             first fine-tune and after each one (0: off).
         sft_grad_clip: Gradient-norm clip of the adapter (0: off).
+        sft_strategy: ``single`` (the fine-tune runs in the training process, on the VLM's
+            device) or ``ddp`` / ``fsdp``: each fine-tune runs in ``sft_devices`` spawned
+            processes through that Fabric strategy (CUDA devices 0..N-1, or CPU processes on
+            gloo), while the policy stays where it is. ``sft.batch_size`` stays the global batch.
+        sft_devices: Processes (devices) of a ``ddp`` / ``fsdp`` fine-tune.
         release_vlm_memory: After each fine-tune, free the VLM optimizer and the CUDA cache.
     """
 
@@ -160,6 +165,8 @@ class COVRConfig:
     sft_max_steps: NonNegativeInt = 0
     vlm_eval_episodes: NonNegativeInt = 2
     sft_grad_clip: NonNegativeFloat = 1.0
+    sft_strategy: Literal["single", "ddp", "fsdp"] = "single"
+    sft_devices: PositiveInt = 1
     release_vlm_memory: bool = True
 
 

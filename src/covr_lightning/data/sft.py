@@ -400,6 +400,18 @@ class SFTDataModule(lightning.LightningDataModule):
             bucket_by_length=self.bucket_by_length,
         )
 
+    def kept_examples(self) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """The built set as ``(frames (M, H, W, 3), targets, weights)``, for a fine-tune in other
+        processes (``covr.sft_strategy``); the frames are a copy of the kept rows only.
+
+        Raises:
+            RuntimeError: If :meth:`build` has not run.
+        """
+        if self._built is None:
+            raise RuntimeError("SFT set not built: call build() before kept_examples()")
+        built = self._built
+        return self._rows.frames[built.indices], list(built.targets), built.weights.copy()
+
     # ------------------------------------------------------------------ state & checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Small metadata: row count, shapes, open segment, dropped count and the RNG state.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from covr_lightning.data.sft_build import BuiltSet
 
@@ -95,12 +95,39 @@ class LengthBuckets(Sampler[list[int]]):
         return iter([batches[i] for i in rng.permutation(len(batches))])
 
 
+class ShardedBatches(Sampler[list[int]]):
+    """One rank's share of every batch of a global batch sampler (a fine-tune across devices).
+
+    Every rank draws the same global batches (same generator state) and takes the examples
+    ``rank, rank + world, ...`` of each, so the global batch is ``sft.batch_size`` on any number
+    of devices and every rank takes the same number of optimizer steps. A batch with fewer
+    examples than ranks (a short last batch) is skipped by all ranks.
+
+    Args:
+        batches: The global batch sampler.
+        rank: This process's rank.
+        world: Number of ranks.
+    """
+
+    def __init__(self, batches: Sampler[list[int]], rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        return len(self.batches)  # an upper bound: short batches are skipped
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            if len(batch) >= self.world:
+                yield batch[self.rank :: self.world]
+
+
 def built_dataloader(
     frames: np.ndarray,
     built: BuiltSet,
     batch_size: int,
     rng: Callable[[], np.random.Generator],
     bucket_by_length: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> DataLoader:
     """Batches of the built set, reshuffled every epoch, as ``collate(frames, targets, weights)``.
 
@@ -111,9 +138,10 @@ def built_dataloader(
         rng: Returns the generator that shuffles each epoch.
         bucket_by_length: Batch examples of similar target length (:class:`LengthBuckets`);
             ``False`` draws batches from one plain permutation.
+        shard: ``(rank, world)``: serve this rank's share of each batch (:class:`ShardedBatches`).
 
     Returns:
-        A single-process ``DataLoader``: each epoch serves every example once.
+        A single-process ``DataLoader``: each epoch serves every example once (across ranks).
     """
 
     def collate_rows(items: list[tuple[np.ndarray, str, float]]) -> dict:
@@ -123,17 +151,9 @@ def built_dataloader(
     rows = BuiltRows(frames, built)
     if bucket_by_length:
         lengths = np.array([len(target) for target in built.targets])
-        return DataLoader(
-            rows,
-            batch_sampler=LengthBuckets(rng, lengths, batch_size),
-            num_workers=0,
-            collate_fn=collate_rows,
-        )
-    return DataLoader(
-        rows,
-        batch_size=batch_size,
-        sampler=SeededShuffle(rng, len(rows)),
-        drop_last=False,
-        num_workers=0,
-        collate_fn=collate_rows,
-    )
+        batches: Sampler[list[int]] = LengthBuckets(rng, lengths, batch_size)
+    else:
+        batches = BatchSampler(SeededShuffle(rng, len(rows)), batch_size, drop_last=False)
+    if shard is not None:
+        batches = ShardedBatches(batches, *shard)
+    return DataLoader(rows, batch_sampler=batches, num_workers=0, collate_fn=collate_rows)

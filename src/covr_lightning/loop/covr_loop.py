@@ -38,13 +38,19 @@ from jsonargparse import Namespace
 
 from covr_lightning.config import COVRConfig
 from covr_lightning.data.sft import SFTDataModule
-from covr_lightning.errors import ConfigError, TrainingDivergedError
+from covr_lightning.errors import ConfigError
 from covr_lightning.guides.base import Guide
 from covr_lightning.guides.worker import GuideWorker
 from covr_lightning.loop.episodes import run_vlm_episodes
+from covr_lightning.loop.fine_tune import (
+    FineTuneJob,
+    SFTBudget,
+    fine_tune_across_devices,
+    sft_steps,
+)
 from covr_lightning.loop.interrupt import raise_if_stop_requested
 from covr_lightning.loop.rl_loop import RLLoop, RLParts
-from covr_lightning.loop.rng import FINE_TUNE, VLM_EVAL, vlm_stream
+from covr_lightning.loop.rng import FINE_TUNE, VLM_EVAL, stream_seed, vlm_stream
 from covr_lightning.loop.schedule import Round, plan_rounds, schedule_table
 from covr_lightning.vlm.codecs import NumericCodec, PhraseCodec
 from covr_lightning.vlm.guide import VLMGuide
@@ -297,54 +303,62 @@ class COVRLoop(RLLoop):
     def fine_tune(self) -> dict[str, float]:
         """LoRA-fine-tune the VLM on the built SFT set; mean metrics of the round."""
         vlm, covr = self.vlm, self.covr
+        budget = SFTBudget(
+            covr.sft_epochs, covr.sft_min_steps, covr.sft_max_steps, covr.sft_grad_clip
+        )
+        if covr.sft_strategy != "single":
+            return self._fine_tune_across_devices(budget)
         device = next(p for p in vlm.model.parameters() if p.requires_grad).device
         optimizer = vlm.configure_optimizers()
         trainable = [p for group in optimizer.param_groups for p in group["params"]]
         vlm.train()
-        sums: dict[str, float] = {}
-        steps = passes = tokens = slots = 0
-        capped = False
-        start = time.perf_counter()
         try:
-            # sft_epochs passes, repeated until sft_min_steps (a floor, so a round with few kept
-            # rows still trains), never past sft_max_steps.
-            while not capped and (passes < covr.sft_epochs or steps < covr.sft_min_steps):
-                passes += 1
-                for batch in self.sft.train_dataloader():
-                    mask = batch["attention_mask"]
-                    tokens, slots = tokens + int(mask.sum()), slots + mask.numel()
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    loss = vlm.training_step(batch, steps)
-                    if not torch.isfinite(loss):
-                        raise TrainingDivergedError(
-                            f"VLM fine-tuning diverged: vlm/sft_loss is {loss.item()} at env step "
-                            f"{self.env_steps:,}",
-                            "lower vlm.lr, or continue from the last checkpoint with --resume last",
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if covr.sft_grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(trainable, covr.sft_grad_clip)
-                    optimizer.step()
-                    for key, value in vlm.last_metrics.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                    steps += 1
-                    capped = bool(covr.sft_max_steps) and steps >= covr.sft_max_steps
-                    if capped:
-                        break
+            totals = sft_steps(
+                vlm.training_step,
+                lambda: vlm.last_metrics,
+                optimizer,
+                self.sft.train_dataloader,
+                budget,
+                device,
+                clip=lambda max_norm: torch.nn.utils.clip_grad_norm_(trainable, max_norm),
+                env_step=self.env_steps,
+            )
         finally:
             vlm.eval()
             if covr.release_vlm_memory:
                 del optimizer
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-        metrics = {key: value / max(steps, 1) for key, value in sums.items()}
-        metrics["vlm/sft_steps"] = float(steps)
-        metrics["vlm/sft_passes"] = float(passes)
-        # Throughput over real tokens (prompt, image and answer; padding excluded).
-        metrics["vlm/sft_tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
-        metrics["vlm/sft_padding_frac"] = 1 - tokens / max(slots, 1)
-        return metrics
+        return totals.metrics()
+
+    def _fine_tune_across_devices(self, budget: SFTBudget) -> dict[str, float]:
+        """The fine-tune in ``covr.sft_devices`` spawned processes (``loop/fine_tune.py``)."""
+        frames, targets, weights = self.sft.kept_examples()
+        job = FineTuneJob(
+            vlm_class=self.cfg.vlm.class_path,
+            vlm_args=self.cfg.vlm.init_args.as_dict() if self.cfg.vlm.get("init_args") else {},
+            adapter=self.vlm.adapter_state_dict(),
+            prompt_text=self.vlm_guide.prompt_text,
+            targets=targets,
+            weights=weights,
+            batch_size=self.sft.batch_size,
+            bucket_by_length=self.sft.bucket_by_length,
+            rng_state=self.sft.rng.bit_generator.state,
+            budget=budget,
+            seed=stream_seed(self.run.seed, FINE_TUNE, self.round_index),
+            env_step=self.env_steps,
+        )
+        result = fine_tune_across_devices(
+            job,
+            frames,
+            self.covr.sft_strategy,
+            self.covr.sft_devices,
+            self.run.accelerator,
+            self.run_dir / ".fine_tune",
+        )
+        self.vlm.load_adapter_state_dict(result.adapter)
+        self.sft.rng.bit_generator.state = result.rng_state  # as if the batches were drawn here
+        return result.metrics
 
     # ------------------------------------------------------------------ per step
 

@@ -44,6 +44,14 @@ def plan_table(cfg: Namespace, run_dir: Path) -> Table:
     table.add_row("policy", cfg.policy.class_path)
     table.add_row("env", f"{cfg.env.class_path} {dict(cfg.env.init_args.as_dict())}")
     table.add_row("device", f"{run.accelerator}, precision {run.precision}")
+    covr = cfg.covr
+    if covr.enabled:
+        where = (
+            "in this process, on the VLM's device"
+            if covr.sft_strategy == "single"
+            else f"{covr.sft_strategy} across {covr.sft_devices} spawned processes"
+        )
+        table.add_row("VLM fine-tune", where)
     table.add_row("run directory", str(run_dir))
     tracking = resolve_tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else "off"
     table.add_row("MLflow", f"{tracking} (experiment {cfg.tracking.experiment})")
