@@ -16,6 +16,7 @@ import sys
 from types import ModuleType
 
 from covr_lightning import __version__
+from covr_lightning.commands.cluster import LAUNCHERS
 from covr_lightning.errors import (
     EXIT_CRASHED,
     EXIT_INTERRUPTED,
@@ -66,6 +67,22 @@ def build_cli() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="with --seeds: run N seeds at a time as subprocesses (default 1: one after another)",
+    )
+    fit.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="local",
+        help="with --seeds: where the seeds run: local (this machine, default), slurm (one SLURM "
+        "job per seed through submitit), submitit-local (those jobs as local processes, to test); "
+        "docs/scaling.md",
+    )
+    fit.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --launcher slurm|submitit-local, repeatable: a submitit executor parameter, "
+        "e.g. partition=gpu gpus_per_node=1 cpus_per_task=8 mem_gb=64 timeout_min=240 account=X",
     )
     # Set by a sweep on the fits it launches (--parallel): their runs become the parent's children.
     fit.add_argument("--parent-run-id", help=argparse.SUPPRESS)

@@ -65,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     """``covr-lightning fit`` without ``--seeds``."""
     if args.parallel is not None:
         raise ConfigError("--parallel without --seeds", "add --seeds, e.g. --seeds 1,2,3")
+    if args.launcher != "local" or args.slurm:
+        flag = f"--launcher {args.launcher}" if args.launcher != "local" else "--slurm"
+        raise ConfigError(f"{flag} without --seeds", "add --seeds, e.g. --seeds 1 for one seed")
     cfg = load_recipe(args.recipe, args.overrides)
     if args.dry_run:
         print_dry_run(cfg)

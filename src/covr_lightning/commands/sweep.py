@@ -15,6 +15,8 @@ recipe's config with ``run.seed`` set to the seed list).
   checkpoints as a single fit would). A child's whole output goes to ``<its run dir>/fit.log``
   and each line is echoed as ``seed S | line``; it gets ``cores // N`` torch threads
   (``OMP_NUM_THREADS``, unless already set) so the children do not oversubscribe the CPU.
+- ``--launcher slurm`` (or ``submitit-local``): each seed a submitit job that runs the same
+  subprocess (:mod:`covr_lightning.commands.cluster`); all at once unless ``--parallel N``.
 
 A seed that fails does not stop the others. When all have ended, the parent logs the aggregate of
 ``eval/return`` over the finished seeds (see :func:`aggregate_metrics`) and the compare table
@@ -45,7 +47,9 @@ from typing import Any
 from jsonargparse import Namespace
 from rich.console import Console
 
+from covr_lightning.commands.cluster import JobPool, Launcher, parse_launcher
 from covr_lightning.commands.fit import fit, print_dry_run
+from covr_lightning.commands.fit_process import cpu_count, fit_env
 from covr_lightning.config import config_to_dict, load_recipe, run_directory
 from covr_lightning.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, ConfigError, RunsFailed
 from covr_lightning.loop.checkpoint import latest_checkpoint
@@ -126,6 +130,7 @@ class SeedRun:
     exit_code: int | None = None
     seconds: float = 0.0
     resume: bool = False
+    job_id: str | None = None  # the submitit job of the last attempt (--launcher slurm, ...)
 
 
 class Sweep:
@@ -135,9 +140,10 @@ class Sweep:
         recipe: Packaged recipe name or path, as given to ``fit --recipe``.
         overrides: ``dotted.key=value`` overrides shared by all seeds (never ``run.seed``).
         seeds: The seeds, in launch order.
-        parallel: Seeds at a time; 1 runs them in this process.
+        parallel: Seeds at a time; 1 runs them in this process (unless ``launcher`` is given).
         resume: ``"last"`` continues the sweep recorded in ``sweep.json``; ``None`` starts one.
         debug: Show tracebacks of failed seeds.
+        launcher: Run each seed as a submitit job (``--launcher slurm``); ``None``: this machine.
     """
 
     def __init__(
@@ -148,6 +154,7 @@ class Sweep:
         parallel: int = 1,
         resume: str | None = None,
         debug: bool = False,
+        launcher: Launcher | None = None,
     ) -> None:
         if parallel < 1:
             raise ConfigError(
@@ -166,6 +173,7 @@ class Sweep:
             )
         self.recipe, self.overrides, self.seeds = recipe, list(overrides), seeds
         self.parallel, self.resume, self.debug = parallel, resume, debug
+        self.launcher = launcher
         self.cfg: Namespace = load_recipe(recipe, overrides)  # validates the shared overrides
         self.name = self.cfg.run.name
         self.sweep_dir = run_directory(self.cfg)
@@ -196,7 +204,13 @@ class Sweep:
         """The training plan of one seed plus the sweep's rows (a rich Table)."""
         table = plan_table(self.cfg, self.sweep_dir.parent / f"{self.name}-seed<S>")
         how = "one after another" if self.parallel == 1 else f"{self.parallel} at a time"
+        if self.launcher is not None:
+            how = "all at once" if self.parallel >= len(self.seeds) else how
+            how += f", one {self.launcher.name} job each"
         table.add_row("seeds", f"{', '.join(map(str, self.seeds))} ({how})")
+        if self.launcher is not None:
+            table.add_row("launcher", self.launcher.describe())
+            table.add_row("job logs", str(self.sweep_dir / "submitit"))
         table.add_row("sweep record", str(self.sweep_file))
         return table
 
@@ -246,6 +260,7 @@ class Sweep:
             if previous.get(run.seed, {}).get("status") == "FINISHED":
                 run.status, run.exit_code = "FINISHED", 0
                 run.seconds = previous[run.seed].get("seconds", 0.0)
+                run.job_id = previous[run.seed].get("job_id")
             else:
                 run.resume = latest_checkpoint(Path(run.run_dir)) is not None
 
@@ -255,6 +270,7 @@ class Sweep:
             "overrides": self.overrides,
             "seeds": self.seeds,
             "status": status,
+            "launcher": self.launcher.name if self.launcher is not None else "local",
             "experiment": self.tracker.experiment,
             "tracking_uri": self.tracker.uri if self.tracker.enabled else None,
             "parent_run_id": self.parent_run_id,
@@ -290,13 +306,18 @@ class Sweep:
             KeyboardInterrupt: Ctrl-C or SIGTERM; running seeds checkpoint, the parent is KILLED.
         """
         self._prepare()
+        pool = None
+        if self.launcher is not None:  # before the parent run: submitit may refuse a parameter
+            pool = JobPool(self.launcher, self.sweep_dir / "submitit", self._log)
         Console(stderr=True).print(self.plan())
         self._open_parent()
         status = "FAILED"
         self._save("RUNNING")
         try:
             todo = [r for r in self.runs if r.status != "FINISHED"]
-            if self.parallel == 1:
+            if pool is not None:
+                self._run_jobs(pool, todo)
+            elif self.parallel == 1:
                 for index, run in enumerate(todo):
                     self._run_in_process(run, index, len(todo))
             else:
@@ -318,7 +339,7 @@ class Sweep:
         self._report(rows)
         if failed:
             seeds = ",".join(str(r.seed) for r in failed)
-            logs = "" if self.parallel == 1 else " (see each seed's fit.log)"
+            logs = "" if self.parallel == 1 and pool is None else " (see each seed's fit.log)"
             raise RunsFailed(
                 f"seed{'s' if len(failed) > 1 else ''} {seeds} of sweep {self.name} did not "
                 f"finish{logs}",
@@ -378,15 +399,7 @@ class Sweep:
         return command
 
     def _child_env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        threads = str(max(1, _cpu_count() // self.parallel))
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.setdefault(name, threads)
-        env["PYTHONUNBUFFERED"] = "1"  # lines reach fit.log and the console as they happen
-        # The children import the same covr_lightning as this process, whatever is installed.
-        package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        return env
+        return fit_env(os.environ, cpu_count() // self.parallel)
 
     def _echo(self, run: SeedRun, stream, log_file) -> None:
         for line in stream:
@@ -441,6 +454,22 @@ class Sweep:
         log_file.close()
         code = proc.returncode  # -N: killed by signal N (e.g. the OOM killer), shown as 128 + N
         self._ended(run, code if code >= 0 else 128 - code, started)
+
+    def _run_jobs(self, pool: JobPool, todo: list[SeedRun]) -> None:
+        """Each seed as a submitit job running the command of a ``--parallel`` child."""
+        runs = {run.seed: run for run in todo}
+        started: dict[int, float] = {}
+
+        def submitted(seed: int, job_id: str) -> None:
+            runs[seed].status, runs[seed].job_id = "RUNNING", job_id
+            started[seed] = time.perf_counter()
+            self._save("RUNNING")
+
+        def ended(seed: int, exit_code: int) -> None:
+            self._ended(runs[seed], exit_code, started.get(seed, time.perf_counter()))
+
+        jobs = [pool.job(r.seed, self._command(r), r.run_dir, r.resume) for r in todo]
+        pool.run(jobs, self.parallel, submitted, ended)
 
     # ------------------------------------------------------------------ the parent's aggregate
 
@@ -502,13 +531,6 @@ class Sweep:
             )
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
@@ -516,16 +538,22 @@ def _duration(seconds: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """``fit --seeds``: the dry run (config and the sweep's plan) or the sweep."""
+    launcher = parse_launcher(args.launcher, args.slurm)
+    seeds = parse_seeds(args.seeds)
+    default_parallel = 1 if launcher is None else len(seeds)  # jobs: let the scheduler queue them
     sweep = Sweep(
         args.recipe,
         args.overrides,
-        parse_seeds(args.seeds),
-        1 if args.parallel is None else args.parallel,
+        seeds,
+        default_parallel if args.parallel is None else args.parallel,
         args.resume,
         args.debug,
+        launcher,
     )
     if args.dry_run:
         print_dry_run(sweep.cfg, plan=sweep.plan())
         return 0
+    if launcher is not None:
+        launcher.check_reachable()
     sweep.run()
     return 0
