@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -228,3 +229,18 @@ def test_a_job_the_scheduler_refuses_is_a_failed_seed(workdir, monkeypatch):
     assert lines == [
         "seed 3: the job was refused: sbatch: error: invalid partition specified: gpux"
     ]
+
+
+def test_importing_submitit_leaves_the_processs_log_handlers_open(tmp_path):
+    # submitit's import-time dictConfig closes every existing handler; absl's (dm_control's)
+    # closes its stream with it, which once closed pytest's captured stderr mid-suite.
+    script = (
+        "import logging, sys\n"
+        f"handler = logging.FileHandler({str(tmp_path / 'a.log')!r})\n"
+        "logging.getLogger('user').addHandler(handler)\n"
+        "from covr_lightning.commands.cluster import _import_submitit\n"
+        "_import_submitit('slurm')\n"
+        "sys.exit(0 if handler.stream is not None else 3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -46,11 +46,20 @@ POLL_S = 1.0
 _EXECUTORS = {"submitit-local": "local", "slurm": "slurm"}  # submitit's cluster names
 _CONSTRUCTOR_KEYS = ("max_num_timeout",)  # AutoExecutor(...) arguments, not update_parameters
 _ONE_PROCESS = ("nodes", "tasks_per_node", "ntasks_per_node")  # one fit, one task, one node
+_SUBMITIT_LOG_VARIABLE = "SUBMITIT_LOG_LEVEL"  # read once, when submitit is first imported
 _NOT_STARTED = ("PENDING", "REQUEUED", "CONFIGURING")  # SLURM states of a job that has not run yet
 
 
 def _import_submitit(launcher: str) -> ModuleType:
-    """submitit, or a one-line error naming the extra that installs it."""
+    """submitit, or a one-line error naming the extra that installs it.
+
+    submitit configures logging when first imported (``logging.config.dictConfig``), which closes
+    every handler the process already has, the user's and absl's (dm_control's) included. The
+    sweep's own process prints its job lines itself, so it imports submitit without that step
+    (``SUBMITIT_LOG_LEVEL=NOCONFIG`` for the import only: the jobs it starts log as usual).
+    """
+    previous = os.environ.get(_SUBMITIT_LOG_VARIABLE)
+    os.environ[_SUBMITIT_LOG_VARIABLE] = "NOCONFIG"
     try:
         import submitit
     except ImportError as err:
@@ -58,6 +67,11 @@ def _import_submitit(launcher: str) -> ModuleType:
             f"--launcher {launcher} needs the submitit package, which is not installed",
             "pip install 'covr-lightning[cluster]'",
         ) from err
+    finally:
+        if previous is None:
+            os.environ.pop(_SUBMITIT_LOG_VARIABLE, None)
+        else:
+            os.environ[_SUBMITIT_LOG_VARIABLE] = previous
     return submitit
 
 
