@@ -35,7 +35,9 @@ def test_pixel_encoder_scales_uint8_inside_forward():
     obs = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     # uint8 and the same values as float give the same features: both are divided by 255
     torch.testing.assert_close(enc(obs), enc(obs.float()))
-    expected = torch.tanh(enc.ln(enc.fc(enc.convs(obs.float() / 255.0).flatten(1))))
+    # ... and the fc layer reads the conv output flattened in (H, W, C) order (no layout copy)
+    conv = enc.convs(obs.float() / 255.0)
+    expected = torch.tanh(enc.ln(enc.fc(conv.permute(0, 2, 3, 1).flatten(1))))
     torch.testing.assert_close(enc(obs), expected)
 
 

@@ -9,6 +9,8 @@ same). The encoder is therefore trained by the critic loss only.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -120,17 +122,29 @@ class PixelEncoder(nn.Module):
         Returns:
             ``(B, feature_dim)`` features in (-1, 1).
         """
-        # uint8 / float -> float32 in one kernel (true division promotes integers to float).
         obs = obs.contiguous(memory_format=torch.channels_last)  # no copy if already so
         if self.bf16:
             # Pixels straight to bf16 (0..255 are exact in bf16): no float32 copy of the batch.
-            x = obs.to(torch.bfloat16, copy=True).mul_(1 / 255.0)
             with torch.autocast(obs.device.type, dtype=torch.bfloat16):
-                h = self.fc(self.convs(x).flatten(1))
+                h = self._features(obs.to(torch.bfloat16))
             h = h.float()
         else:
-            h = self.fc(self.convs(obs / 255.0).flatten(1))
+            h = self._features(obs.float())
         return torch.tanh(self.ln(h))
+
+    def _features(self, pixels: Tensor) -> Tensor:
+        """The fc layer's output for pixels on the [0, 255] scale (channels-last)."""
+        first = self.convs[0]
+        # conv(x / 255, W) = conv(x, W / 255): scaling the 9x32x3x3 weight instead of the batch
+        # saves a pass over the pixels (~5 % of the encoder's time at batch 128, measured by
+        # benchmarks/encoder_variants.py); W stays the parameter, so its optimiser sees the same
+        # problem as with scaled inputs.
+        h = first._conv_forward(pixels, first.weight * (1 / 255.0), first.bias)
+        for layer in itertools.islice(self.convs, 1, None):
+            h = layer(h)
+        # Flattened in channels-last memory order, (H, W, C): a view of the conv output, where
+        # NCHW order copies it (~8 %). The fc layer's columns are in that order.
+        return self.fc(h.permute(0, 2, 3, 1).flatten(1))
 
 
 class StateEncoder(nn.Module):
