@@ -160,7 +160,7 @@ def test_late_answers_land_on_the_transitions_they_belong_to(workdir, scope):
         ],
     )
     loop = build_loop(cfg)
-    assert loop.worker is not None  # asynchronous is the default
+    assert loop.queries.worker is not None  # asynchronous is the default
     backfilled = []
     update_extra = loop.replay.update_extra
 
@@ -197,7 +197,7 @@ def test_the_synchronous_path_stays_available(workdir):
         ],
     )
     loop = build_loop(cfg)
-    assert loop.worker is None
+    assert loop.queries.worker is None
     loop.fit()
     rows = _rows(loop)
     mask = rows["prior_mask"] > 0

@@ -33,7 +33,7 @@ def test_covr_with_two_envs_uses_both_and_batches_the_guide(workdir):
     # Guided rounds queried both envs at once (their episodes stay in step): a query holds one
     # frame per env, and the guide worker batches whole queries, so every batch is a multiple of 2.
     assert batches and all(size % 2 == 0 for size in batches)
-    assert loop.prior_valid.shape == (2,) and loop.prior_action.shape == (2, 1)
+    assert loop.queries.valid.shape == (2,) and loop.queries.action.shape == (2, 1)
 
 
 def test_resume_with_another_num_envs_is_refused(workdir):

@@ -4,8 +4,9 @@ For each round of :mod:`covr_lightning.loop.schedule`:
 
 1. **RL phase** (:meth:`RLLoop.train_until` with this class's hooks). The policy acts; every
    ``guide_every`` frames the env renders the current step at ``vlm_image_size`` and, in a guided
-   round, :class:`~covr_lightning.vlm.guide.Guide` turns it into a prior a_v (+ valid flag) that is
-   stored with every transition until the next query. Once the round is guided the policy's
+   round, the recipe's guide (:mod:`covr_lightning.guides`) turns it into a prior a_v (+ valid
+   flag) stored with the transition(s) it belongs to (``covr.prior_scope``; the bookkeeping,
+   asynchronous answers included, is :class:`~covr_lightning.loop.guide_queries.GuideQueries`). Once the round is guided the policy's
    ``prior_weight`` is lambda, so its actor loss gains ``lambda * ||a_v - tanh(mu(s))||^2`` over
    the valid rows of each batch. The same render (and the action the policy took there) becomes a
    row of D_f (:class:`~covr_lightning.data.sft.SFTDataModule`); every step's reward feeds the
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from covr_lightning.loop.fine_tune import (
     fine_tune_across_devices,
     sft_steps,
 )
+from covr_lightning.loop.guide_queries import GuideQueries
 from covr_lightning.loop.interrupt import raise_if_stop_requested
 from covr_lightning.loop.rl_loop import RLLoop, RLParts
 from covr_lightning.loop.rng import FINE_TUNE, VLM_EVAL, stream_seed, vlm_stream
@@ -58,23 +60,6 @@ from covr_lightning.vlm.module import VLMLoRAModule
 
 SFT_DIR = "sft"
 PHASES = ("rl", "vlm")
-
-
-@dataclass
-class _Query:
-    """One env's guide query while its answer is on the way (asynchronous guidance).
-
-    Attributes:
-        lane: The env that asked.
-        env_step: The loop's env step when it asked (the answer's lag is counted from here).
-        rows: Replay ids of the transitions stored since that carry this query's answer.
-        taken: The action the policy took at the query step (for ``guide/prior_distance``).
-    """
-
-    lane: int
-    env_step: int
-    rows: list[int] = field(default_factory=list)
-    taken: np.ndarray | None = None
 
 
 @dataclass
@@ -139,14 +124,8 @@ class COVRLoop(RLLoop):
         action_dim = int(parts.eval_env.action_space.shape[0])
         self.action_dim = action_dim
         self.steps_since_query = [0] * n  # per env: frames since its last guide query
-        self.prior_action = np.zeros((n, action_dim), np.float32)  # a_v of each env's last query
-        self.prior_valid = np.zeros(n, dtype=bool)
         self._vlm_frames: list[np.ndarray | None] = [None] * n  # this step's renders, if any
-        self._queried = np.zeros(n, dtype=bool)  # which envs asked the guide at this step
-        self._guide_seconds = 0.0
-        # Asynchronous guidance (covr.guide_async): queries whose answers are on the way, by
-        # ticket; each env's newest such query; the query the row being stored now belongs to.
-        self.worker = (
+        worker = (
             GuideWorker(
                 self.guide,
                 min_batch=min(self.covr.guide_min_batch, self.covr.guide_batch_size),
@@ -157,13 +136,8 @@ class COVRLoop(RLLoop):
             if self.covr.guide_async
             else None
         )
-        self._in_flight: dict[int, _Query] = {}
-        self._lane_query: list[_Query | None] = [None] * n
-        self._row_query: list[_Query | None] = [None] * n
-        self._next_ticket = 0
-        self._lags: list[int] = []
+        self.queries = GuideQueries(self.guide, n, action_dim, self.covr.prior_scope, worker)
         self._agent_steps_at_log = 0
-        self._prior_distances: list[float] = []
         self.phase_seconds = {"rl": 0.0, "vlm": 0.0}
         super().__init__(cfg, parts, run_dir, resume_from)
 
@@ -376,6 +350,7 @@ class COVRLoop(RLLoop):
         steps = np.asarray(self.steps_since_query)
         query = steps % self.covr.guide_every == 0
         needed = query | ((steps % self.covr.sft_every == 0) & self._feeds_sft())
+        frames = None
         if needed.any():
             size = self.covr.vlm_image_size
             # One call renders every env (workers render in parallel); unneeded ones are
@@ -383,91 +358,27 @@ class COVRLoop(RLLoop):
             frames = self.envs.render(size, size)
             for lane in np.flatnonzero(needed):
                 self._vlm_frames[lane] = frames[lane]
-        ask = query & (self.module.prior_weight > 0)  # guided round: ask the guide
-        self._queried = ask
-        lanes = np.flatnonzero(ask)
-        start = time.perf_counter()
-        if len(lanes) and self.worker is None:
-            actions, valid = self.guide.propose(frames[lanes], obs[lanes])
-            self.prior_action[lanes] = actions
-            self.prior_valid[lanes] = valid
-        elif len(lanes):
-            tickets = [self._open_query(int(lane)) for lane in lanes]
-            self.worker.submit(tickets, frames[lanes], obs[lanes])
-        self._guide_seconds += time.perf_counter() - start
+        # In a guided round the query frames go to the guide.
+        self.queries.ask(query & (self.module.prior_weight > 0), frames, obs, self.env_steps)
         actions = super().select_actions(obs)
-        for lane in lanes:
-            if self.worker is not None:
-                self._lane_query[lane].taken = actions[lane].copy()
-            elif self.prior_valid[lane]:
-                self._prior_distances.append(
-                    float(np.linalg.norm(self.prior_action[lane] - actions[lane]))
-                )
+        self.queries.took(actions)
         self.steps_since_query = [step + 1 for step in self.steps_since_query]
         return actions
 
-    def _open_query(self, lane: int) -> int:
-        """Register env ``lane``'s new query; its ticket."""
-        ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
-        query = _Query(lane=lane, env_step=self.env_steps)
-        self._in_flight[ticket] = query
-        self._lane_query[lane] = query
-        return ticket
-
     def collect_answers(self, wait: bool = False) -> None:
-        """Write the worker's arrived answers into the transitions stored while they were away.
-
-        Args:
-            wait: Wait for every answer still on the way (at the end of an RL phase and before a
-                checkpoint, so neither sees a prior in flight).
-        """
-        if self.worker is None:
-            return
-        answers = self.worker.drain() if wait else self.worker.poll()
-        for answer in answers:
-            query = self._in_flight.pop(answer.ticket)
-            if query.rows:
-                self.replay.update_extra("prior", query.rows, answer.action)
-                self.replay.update_extra("prior_mask", query.rows, np.float32(answer.valid))
-                self.replay.update_extra("prior_pending", query.rows, np.float32(0.0))
-            if self._lane_query[query.lane] is query:  # still the env's newest query
-                self.prior_action[query.lane] = answer.action
-                self.prior_valid[query.lane] = answer.valid
-                self._lane_query[query.lane] = None
-            self._lags.append(self.env_steps - query.env_step)
-            if answer.valid and query.taken is not None:
-                self._prior_distances.append(float(np.linalg.norm(answer.action - query.taken)))
+        """The guide worker's arrived answers into their transitions (all of them: ``wait``)."""
+        self.queries.collect(self.replay, self.env_steps, wait)
 
     def transition_extras(self, lane: int) -> dict[str, Any]:
-        """Env ``lane``'s current prior, its mask, and whether it is still on the way.
-
-        Mask 0 when invalid, before guidance, and (``prior_scope: query``) on every transition
-        but the one whose frame the guide answered. A transition whose answer has not arrived
-        is stored masked and pending; :meth:`collect_answers` fills it in.
-        """
-        covered = self.covr.prior_scope == "held" or bool(self._queried[lane])
-        waiting = self._lane_query[lane] if covered else None
-        self._row_query[lane] = waiting
-        if waiting is not None:
-            return {
-                "prior": np.zeros(self.action_dim, np.float32),
-                "prior_mask": np.float32(0.0),
-                "prior_pending": np.float32(1.0),
-            }
-        guided = self.module.prior_weight > 0 and bool(self.prior_valid[lane]) and covered
-        return {
-            "prior": self.prior_action[lane],
-            "prior_mask": np.float32(guided),
-            "prior_pending": np.float32(0.0),
-        }
+        """Env ``lane``'s prior, its mask, and whether its answer is still on the way."""
+        return self.queries.extras(lane, guided=self.module.prior_weight > 0)
 
     def after_step(self, lane, action, reward, next_obs, terminated, truncated) -> None:
         """Feed D_f: every reward, a row where the VLM-sized frame was rendered.
 
         Nothing in a round that no fine-tune follows (the last): D_f would only be cleared.
         """
-        if (query := self._row_query[lane]) is not None:  # its prior arrives later
-            query.rows.append(int(self.replay.last_transition_id))
+        self.queries.stored(lane, int(self.replay.last_transition_id))
         if not self._feeds_sft():
             return
         frame = self._vlm_frames[lane]
@@ -518,27 +429,8 @@ class COVRLoop(RLLoop):
 
     def log_train_metrics(self) -> None:
         """Base metrics plus the guide's invalid rate, prior distance and time per query."""
-        metrics: dict[str, float] = {}
-        queries = self.guide.queries
-        rate = self.guide.pop_invalid_rate()
-        if self.worker is not None:
-            stats = self.worker.pop_stats()
-            if stats["frames"]:
-                metrics["guide/query_ms"] = 1000 * stats["busy_seconds"] / stats["frames"]
-                metrics["guide/batch_frames"] = stats["frames"] / stats["calls"]
-            if self._lags:
-                metrics["guide/lag_env_steps"] = float(np.mean(self._lags))
-        elif queries:
-            metrics["guide/query_ms"] = 1000 * self._guide_seconds / queries
-        if rate is not None:
-            metrics["guide/invalid_rate"] = rate
-        if steps := self.agent_steps - self._agent_steps_at_log:
-            # What guidance costs the agent: time it did not step, per agent step.
-            metrics["guide/stall_ms"] = 1000 * self._guide_seconds / steps
+        metrics = self.queries.pop_metrics(self.agent_steps - self._agent_steps_at_log)
         self._agent_steps_at_log = self.agent_steps
-        if self._prior_distances:
-            metrics["guide/prior_distance"] = float(np.mean(self._prior_distances))
-        self._guide_seconds, self._prior_distances, self._lags = 0.0, [], []
         if metrics:
             self.tracker.log_metrics(metrics, step=self.env_steps)
         super().log_train_metrics()
@@ -546,7 +438,8 @@ class COVRLoop(RLLoop):
     def inspect_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """The share of the batch's rows whose prior is still on the way (not for the policy)."""
         pending = batch.pop("prior_pending")
-        return {"prior_waiting_frac": float(pending.mean())} if self.worker is not None else {}
+        asynchronous = self.queries.worker is not None
+        return {"prior_waiting_frac": float(pending.mean())} if asynchronous else {}
 
     def metric_name(self, key: str) -> str:
         """The prior's update metrics go with the guide's (``guide/critic_prefers_prior``, ...)."""
@@ -583,8 +476,7 @@ class COVRLoop(RLLoop):
 
     def close(self) -> None:
         """Stop the guide worker, then the envs."""
-        if self.worker is not None:
-            self.worker.close()
+        self.queries.close()
         self.guide.close()
         super().close()
 
@@ -597,8 +489,7 @@ class COVRLoop(RLLoop):
         state = super().state_dict()
         state["covr"] = {
             "adapter": self.vlm.adapter_state_dict(),
-            "prior_action": torch.from_numpy(self.prior_action.copy()),
-            "prior_valid": torch.from_numpy(self.prior_valid.copy()),
+            **self.queries.state_dict(),
             "phase_seconds": dict(self.phase_seconds),
         }
         return state
@@ -621,9 +512,7 @@ class COVRLoop(RLLoop):
                 f"checkpoint {checkpoint}: {err}",
                 "resume with the vlm settings the run started with",
             ) from err
-        n = self.num_envs
-        self.prior_action = covr_state["prior_action"].numpy().astype(np.float32).reshape(n, -1)
-        self.prior_valid = np.asarray(covr_state["prior_valid"], dtype=bool).reshape(n)
+        self.queries.load_state_dict(covr_state)
         self.phase_seconds = dict(covr_state["phase_seconds"])
         # Env state is not checkpointed: the resumed run starts new episodes, so the episode
         # segments that were open in D_f end here, bootstrapped from where they stood.
