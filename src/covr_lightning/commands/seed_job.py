@@ -88,13 +88,16 @@ class SeedJob:
         """
         if "--resume" in self.command:
             return list(self.command)
-        resume = self.resume
-        if not resume:
-            # Imported here: torch comes with it, and a job needs it only for this check.
-            from covr_lightning.loop.checkpoint import latest_checkpoint
+        return [*self.command, "--resume", "last"] if self._resumes() else list(self.command)
 
-            resume = latest_checkpoint(Path(self.run_dir)) is not None
-        return [*self.command, "--resume", "last"] if resume else list(self.command)
+    def _resumes(self) -> bool:
+        """Whether the fit continues its run: asked to, or the run already has a checkpoint."""
+        if self.resume:
+            return True
+        # Imported here: torch comes with it, and a job needs it only for this check.
+        from covr_lightning.loop.checkpoint import latest_checkpoint
+
+        return latest_checkpoint(Path(self.run_dir)) is not None
 
     def __call__(self) -> int:
         """Run the fit to its end; returns its exit code (0 finished, 130 stopped, 2 user error).
@@ -159,8 +162,6 @@ class SeedJob:
         """
         import submitit
 
-        from covr_lightning.loop.checkpoint import latest_checkpoint
-
         proc = self._proc
         if proc is not None and proc.poll() is None:
             self._stop("pre-empted or timed out")
@@ -170,7 +171,7 @@ class SeedJob:
                 self._say(f"no checkpoint after {self.stop_wait_s:.0f} s; killing the fit")
                 proc.kill()
                 proc.wait()
-        resume = self.resume or latest_checkpoint(Path(self.run_dir)) is not None
+        resume = self._resumes()
         self._say(
             "the requeued job " + ("resumes from the last checkpoint" if resume else "starts over")
         )
