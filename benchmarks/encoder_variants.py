@@ -1,4 +1,4 @@
-"""Print what three memory-traffic levers would save in the pixel encoder's share of an update.
+"""Print what four memory-traffic levers would save in the pixel encoder's share of an update.
 
     python benchmarks/encoder_variants.py                   # RAD's encoder, batch 128, 84 px, bf16
     python benchmarks/encoder_variants.py --repeats 3 --steps 20
@@ -15,6 +15,9 @@ over the activations:
 - ``fold-scale``: the 1/255 pixel scale applied to the first conv's weights in the forward
   (``conv(x, W / 255) = conv(x / 255, W)``; W stays the parameter, so Adam sees the same
   problem), no pass over the input batch.
+- ``fused``: each conv and its ReLU in one oneDNN call
+  (:func:`covr_lightning.policies.fused_conv.conv_relu`; bit-identical, so no rounding either),
+  no pass over each conv's output. ``nhwc + fold + fused`` is what PixelEncoder runs.
 
 One step is what an update asks of the encoder: two no-grad forwards (s' through the online and
 the target encoder) and one forward+backward (s, the critic's pass), on random uint8 frames.
@@ -29,6 +32,8 @@ import time
 import torch
 from torch import nn
 
+from covr_lightning.policies.fused_conv import conv_relu, fused_conv_relu_available
+
 SETTINGS = {
     "baseline": {},
     "inplace-relu": {"inplace": True},
@@ -36,11 +41,12 @@ SETTINGS = {
     "fold-scale": {"fold": True},
     "nhwc + fold": {"nhwc": True, "fold": True},
     "all three": {"inplace": True, "nhwc": True, "fold": True},
+    "nhwc + fold + fused": {"nhwc": True, "fold": True, "fused": True},
 }
 
 
 class Encoder(nn.Module):
-    """RAD's 4-layer encoder (as PixelEncoder) with the three levers as switches."""
+    """RAD's 4-layer encoder (as PixelEncoder) with the levers as switches."""
 
     def __init__(
         self,
@@ -49,6 +55,7 @@ class Encoder(nn.Module):
         inplace: bool = False,
         nhwc: bool = False,
         fold: bool = False,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(channels, 32, 3, stride=2), nn.ReLU(inplace)]
@@ -58,14 +65,19 @@ class Encoder(nn.Module):
         side = (size - 3) // 2 + 1 - 6
         self.fc = nn.Linear(32 * side * side, 50)
         self.ln = nn.LayerNorm(50)
-        self.nhwc, self.fold = nhwc, fold
+        self.nhwc, self.fold, self.fused = nhwc, fold, fused
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = obs.contiguous(memory_format=torch.channels_last).to(torch.bfloat16, copy=True)
         if not self.fold:
             x = x.mul_(1 / 255.0)
         with torch.autocast(obs.device.type, dtype=torch.bfloat16):
-            if self.fold:
+            if self.fused:  # with fold: the scaled weight goes into the first fused call
+                h = x
+                for index, conv in enumerate(self.convs[::2]):
+                    weight = conv.weight / 255.0 if index == 0 and self.fold else conv.weight
+                    h = conv_relu(h, weight, conv.bias, conv.stride[0])
+            elif self.fold:
                 first = self.convs[0]
                 h = nn.functional.conv2d(x, first.weight / 255.0, first.bias, first.stride)
                 h = self.convs[1:](h)
@@ -112,10 +124,12 @@ def main() -> None:
             times[name].append((time.perf_counter() - start) / args.steps * 1000)
     threads = torch.get_num_threads()
     print(f"encoder work of one update, batch {args.batch_size}, {shape[1:]}, {threads} threads")
+    if not fused_conv_relu_available():
+        print("(no exact fused conv+ReLU in this torch build: 'fused' ran the plain ops)")
     base = min(times["baseline"])
     for name, ms in times.items():
         passes = " / ".join(f"{t:.1f}" for t in ms)
-        print(f"{name:>13}: {passes} ms per step (best {min(ms) / base:.2f} x baseline's best)")
+        print(f"{name:>19}: {passes} ms per step (best {min(ms) / base:.2f} x baseline's best)")
 
 
 if __name__ == "__main__":

@@ -125,7 +125,9 @@ class COVRConfig:
             transition gets its prior when the answer arrives and is masked until then.
             ``false`` waits for each answer (the synchronous path, for debugging).
         guide_min_batch: Frames the guide worker collects before it answers (asynchronous
-            guidance): larger batches cost less per frame and arrive later.
+            guidance): larger batches cost less per frame and arrive later. 0 sizes it from the
+            cadence: the frames that queue in 32 agent steps (``guide_every`` 1 with one env:
+            32; ``guide_every`` 10: 4), at most ``guide_batch_size``.
         guide_threads: CPU threads of the guide worker's kernels (0: torch's default). One
             leaves the other cores to the agent's update.
         sft_epochs: Passes over the filtered D_f per fine-tune.
@@ -158,7 +160,7 @@ class COVRConfig:
     max_new_tokens: NonNegativeInt = 0
     guide_batch_size: PositiveInt = 32
     guide_async: bool = True
-    guide_min_batch: PositiveInt = 8
+    guide_min_batch: NonNegativeInt = 0
     guide_threads: NonNegativeInt = 1
     sft_epochs: PositiveInt = 1
     sft_min_steps: NonNegativeInt = 50

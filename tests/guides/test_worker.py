@@ -12,7 +12,7 @@ import torch
 from covr_lightning.build import build_loop
 from covr_lightning.config import load_recipe
 from covr_lightning.guides.base import Guide
-from covr_lightning.guides.worker import GuideWorker
+from covr_lightning.guides.worker import GuideWorker, auto_min_batch
 from tests.guides.test_guides import GUIDED
 
 
@@ -203,3 +203,12 @@ def test_the_synchronous_path_stays_available(workdir):
     mask = rows["prior_mask"] > 0
     assert np.flatnonzero(mask).tolist() == [0, 10, 20, 25, 35, 45]
     np.testing.assert_allclose(rows["prior"][mask], obs_answer(rows["obs"][mask]), atol=1e-6)
+
+
+def test_the_automatic_min_batch_fills_in_about_the_same_agent_steps_at_every_cadence():
+    assert auto_min_batch(guide_every=1, num_envs=1, max_batch=32) == 32
+    assert auto_min_batch(guide_every=10, num_envs=1, max_batch=32) == 4  # ceil(32 / 10)
+    assert auto_min_batch(guide_every=10, num_envs=4, max_batch=32) == 13  # 4 frames a query
+    assert auto_min_batch(guide_every=1, num_envs=8, max_batch=32) == 32  # capped
+    assert auto_min_batch(guide_every=100, num_envs=1, max_batch=32) == 1  # never below one
+    assert auto_min_batch(guide_every=1, num_envs=1, max_batch=8) == 8

@@ -185,6 +185,18 @@ def test_the_builder_picks_the_loop_by_covr_enabled(workdir):
     assert type(on) is COVRLoop and "prior" in on.replay.extras
 
 
+@pytest.mark.parametrize(
+    ("overrides", "min_batch"),
+    [([], 4), (["covr.guide_every=1"], 32), (["covr.guide_every=1", "covr.guide_min_batch=5"], 5)],
+)
+def test_the_guide_worker_batches_by_cadence_unless_told(workdir, overrides, min_batch):
+    loop = _loop([*COVR_TINY, "tracking.enabled=false", "covr.guide_every=10", *overrides], "mb")
+    try:
+        assert loop.queries.worker.min_batch == min_batch
+    finally:
+        loop.close()
+
+
 def test_checkpoints_of_the_other_loop_are_refused(workdir):
     overrides = [*TINY, "run.total_env_steps=200", "tracking.enabled=false"]
     _loop([*overrides, "covr.enabled=false"], "plain").fit()

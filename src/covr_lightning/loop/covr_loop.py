@@ -41,7 +41,7 @@ from covr_lightning.config import COVRConfig
 from covr_lightning.data.sft import SFTDataModule
 from covr_lightning.errors import ConfigError
 from covr_lightning.guides.base import Guide
-from covr_lightning.guides.worker import GuideWorker
+from covr_lightning.guides.worker import GuideWorker, auto_min_batch
 from covr_lightning.loop.episodes import run_vlm_episodes
 from covr_lightning.loop.fine_tune import (
     FineTuneJob,
@@ -128,7 +128,11 @@ class COVRLoop(RLLoop):
         worker = (
             GuideWorker(
                 self.guide,
-                min_batch=min(self.covr.guide_min_batch, self.covr.guide_batch_size),
+                min_batch=min(
+                    self.covr.guide_min_batch
+                    or auto_min_batch(self.covr.guide_every, n, self.covr.guide_batch_size),
+                    self.covr.guide_batch_size,
+                ),
                 max_batch=self.covr.guide_batch_size,
                 device=next(covr_parts.vlm.model.parameters()).device,
                 threads=self.covr.guide_threads or None,

@@ -69,7 +69,8 @@ class VLMGuide(Guide):
         model, processor = self.vlm.model, self.vlm.processor
         device = next(model.parameters()).device
         was_training = model.training
-        model.eval()  # no LoRA dropout while guiding
+        if was_training:  # a walk over every submodule: ~2 ms a call for the tiny VLM alone
+            model.eval()  # no LoRA dropout while guiding
         answers: list[str] = []
         try:
             for start in range(0, len(frames), self.batch_size):
@@ -91,7 +92,8 @@ class VLMGuide(Guide):
                 new_tokens = output[:, inputs["input_ids"].shape[1] :]
                 answers += processor.batch_decode(new_tokens, skip_special_tokens=True)
         finally:
-            model.train(was_training)
+            if was_training:
+                model.train()
         return answers
 
     def _propose(self, frames: np.ndarray, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
