@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --recipe dmc_cheetah --updates 20
     python benchmarks/throughput.py --recipe quickstart replay.batch_size=128
     python benchmarks/throughput.py --recipe dmc_cheetah replay.batch_size=128 --profile 10
+    python benchmarks/throughput.py --recipe dmc_cheetah replay.batch_size=128 --plain-convs
 
 Figures:
   render    env frames/s of the recipe's env (one render per agent step), next to dm_control's
@@ -13,6 +14,9 @@ Figures:
             after warm-up, per device; MLflow off, checkpoints in a temporary folder
   profile   with ``--profile N``: where N updates spend their time (torch.profiler, self time per
             operator, ms per update), CPU only
+
+``--plain-convs`` runs the bf16 encoder's convolutions and ReLUs as separate ops instead of the
+fused oneDNN call (:mod:`covr_lightning.policies.fused_conv`), to measure what the fusion buys.
 """
 
 from __future__ import annotations
@@ -148,8 +152,15 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=30)
     parser.add_argument("--train-env-steps", type=int, default=800)
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N updates")
+    parser.add_argument(
+        "--plain-convs", action="store_true", help="no fused conv+ReLU (to compare against)"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.plain_convs:
+        from covr_lightning.policies import fused_conv
+
+        fused_conv.fused_conv_relu_available = lambda: False
 
     cfg = load_recipe(args.recipe, args.overrides)
     env_args = cfg.env.init_args
@@ -158,6 +169,7 @@ def main() -> None:
         f"recipe {args.recipe}: {env_args.domain} {env_args.task}, obs {env_args.obs} "
         f"{env_args.get('image_size')}px, batch {cfg.replay.init_args.batch_size}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+        + (", plain convs (no fusion)" if args.plain_convs else "")
     )
     ours, default = render_speed(cfg, args.render_steps)
     print(
