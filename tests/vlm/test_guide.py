@@ -98,7 +98,20 @@ def test_bad_frames_are_rejected(untrained_vlm, codec2, prompt2, frames):
         VLMGuide(untrained_vlm, prompt2, codec2).propose(frames)
 
 
-def test_guiding_leaves_the_training_mode_alone(untrained_vlm, codec2, prompt2):
-    untrained_vlm.train()
+@pytest.mark.parametrize("training", [True, False])
+def test_guiding_generates_in_eval_mode_and_leaves_the_mode_alone(
+    untrained_vlm, codec2, prompt2, monkeypatch, training
+):
+    model = untrained_vlm.model
+    untrained_vlm.train(training)
+    modes = []
+    generate = model.generate
+
+    def spy(*args, **kwargs):
+        modes.append(model.training)  # no LoRA dropout while guiding
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
     VLMGuide(untrained_vlm, prompt2, codec2).propose(distinct_frames(1))
-    assert untrained_vlm.model.training
+    assert modes == [False]
+    assert model.training is training
