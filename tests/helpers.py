@@ -1,6 +1,7 @@
-"""Shared test data: recipe overrides that shrink runs to seconds, and synthetic frames."""
+"""Shared test data: recipe overrides that shrink runs to seconds, synthetic frames and batches."""
 
 import numpy as np
+import torch
 
 TINY = [
     "env.image_size=32",
@@ -25,3 +26,16 @@ def distinct_frames(count: int, size: int = 84) -> np.ndarray:
         frames[i, :, :, i % 3] = 255
         frames[i, : (i + 1) * size // (count + 1)] = 30 * i
     return frames
+
+
+def pixel_batch(size: int = 32, batch: int = 16, action_dim: int = 2) -> dict[str, torch.Tensor]:
+    """A replay batch of random uint8 stacked frames ``(batch, 9, size, size)`` (seeded)."""
+    rng = np.random.default_rng(0)
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "obs": torch.from_numpy(rng.integers(0, 256, (batch, 9, size, size), dtype=np.uint8)),
+        "next_obs": torch.from_numpy(rng.integers(0, 256, (batch, 9, size, size), dtype=np.uint8)),
+        "action": torch.rand(batch, action_dim, generator=generator) * 2 - 1,
+        "reward": torch.rand(batch, generator=generator),
+        "terminated": torch.zeros(batch),
+    }

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.helpers import pixel_batch
 
 from covr_lightning.policies import fused_conv
 from covr_lightning.policies.networks import PixelEncoder
@@ -56,14 +56,7 @@ def test_bf16_encoder_forward_and_gradients_equal_the_plain_ops(plain_only):
 @needs_fused
 def test_sac_updates_are_identical_with_and_without_fusion(plain_only):
     _, switch = plain_only
-    rng = np.random.default_rng(0)
-    batch = {
-        "obs": torch.from_numpy(rng.integers(0, 256, (16, 9, 32, 32), dtype=np.uint8)),
-        "next_obs": torch.from_numpy(rng.integers(0, 256, (16, 9, 32, 32), dtype=np.uint8)),
-        "action": torch.rand(16, 2) * 2 - 1,
-        "reward": torch.rand(16),
-        "terminated": torch.zeros(16),
-    }
+    batch = pixel_batch()
     states = []
     for fused in (True, False):
         switch(fused)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests.helpers import pixel_batch
 
 from covr_lightning.policies.networks import PixelEncoder
 from covr_lightning.policies.precision import cpu_has_fast_bf16, use_bf16
@@ -62,14 +63,7 @@ def test_sac_updates_in_either_precision(precision):
         num_conv_layers=2,
         encoder_precision=precision,
     )
-    rng = np.random.default_rng(0)
-    batch = {
-        "obs": torch.from_numpy(rng.integers(0, 256, (16, 9, 32, 32), dtype=np.uint8)),
-        "next_obs": torch.from_numpy(rng.integers(0, 256, (16, 9, 32, 32), dtype=np.uint8)),
-        "action": torch.rand(16, 2) * 2 - 1,
-        "reward": torch.rand(16),
-        "terminated": torch.zeros(16),
-    }
+    batch = pixel_batch()
     before = [p.detach().clone() for p in policy.encoder.parameters()]
     for step in range(2):
         metrics = policy.training_step(dict(batch), step)
