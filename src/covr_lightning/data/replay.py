@@ -33,6 +33,7 @@ from covr_lightning.data.replay_checkpoint import (
     expected_files,
     parse_state,
 )
+from covr_lightning.data.replay_device import DeviceFrames
 from covr_lightning.data.replay_layout import ExtraField, RingLayout
 from covr_lightning.data.replay_ring import ReplayRing
 from covr_lightning.data.replay_sampling import EndlessSamples, draw_slots, gather_batch
@@ -59,6 +60,10 @@ class ReplayDataModule(lightning.LightningDataModule):
             overwritten; at least 2.
         batch_size: Default batch size of :meth:`sample`.
         seed: Seed of the sampler's ``np.random.Generator`` (its state is part of ``state_dict``).
+        frames_on_device: Keep a copy of the stored frames on the training device (the
+            ``device`` given to :meth:`allocate`) and gather batches there, so an update on a GPU
+            copies no frames from the host (:mod:`~covr_lightning.data.replay_device`). Costs the
+            frames' memory a second time; on a CPU run it gains nothing.
     """
 
     def __init__(
@@ -66,9 +71,12 @@ class ReplayDataModule(lightning.LightningDataModule):
         capacity: ReplayCapacity = 100_000,
         batch_size: PositiveInt = 128,
         seed: NonNegativeInt = 0,
+        frames_on_device: bool = False,
     ) -> None:
         super().__init__()
         self.capacity = int(capacity)
+        self.frames_on_device = bool(frames_on_device)
+        self._device: torch.device | None = None  # from allocate: where a frame copy would live
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
@@ -149,6 +157,7 @@ class ReplayDataModule(lightning.LightningDataModule):
         frame_stack: int,
         action_shape: tuple[int, ...],
         num_streams: int = 1,
+        device: torch.device | str | None = None,
     ) -> None:
         """Allocate the ring. Memory is ``capacity`` frames plus small per-transition arrays.
 
@@ -162,6 +171,8 @@ class ReplayDataModule(lightning.LightningDataModule):
             action_shape: Shape of one action, e.g. ``(A,)``.
             num_streams: Envs writing at once (one open episode each); each gets
                 ``capacity // num_streams`` slots.
+            device: The training device; with ``frames_on_device`` the frames are mirrored
+                there and :meth:`sample` returns ``obs``/``next_obs`` on it.
 
         Raises:
             ConfigError: If a stream's share of the capacity is below frame_stack + 1 (the
@@ -169,7 +180,10 @@ class ReplayDataModule(lightning.LightningDataModule):
             RuntimeError: If already allocated with another layout.
             ValueError: If ``num_streams`` or ``frame_stack`` is below 1 or ``frame_shape`` is
                 empty.
+            ConfigError: With ``frames_on_device``, if the frames do not fit on the device.
         """
+        if device is not None:
+            self._device = torch.device(device)
         layout = RingLayout(
             capacity=self.capacity,
             frame_shape=tuple(int(s) for s in frame_shape),
@@ -196,8 +210,11 @@ class ReplayDataModule(lightning.LightningDataModule):
                 f"cannot hold a stack of {layout.frame_stack} plus its successor",
                 f"set replay.capacity >= {(layout.frame_stack + 1) * layout.num_streams}",
             )
+        ring = ReplayRing(layout, self._extra_specs)
+        if self.frames_on_device and self._device is not None:
+            ring.mirror = DeviceFrames(ring.frames, self._device)
         self.layout = layout
-        self._ring = ReplayRing(layout, self._extra_specs)
+        self._ring = ring
         self.last_transition_id = -1
 
     def _require_allocated(self, what: str) -> ReplayRing:
@@ -368,7 +385,7 @@ class ReplayDataModule(lightning.LightningDataModule):
     def _batch_at(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """The batch of transitions stored at slots ``idx`` (no validity check)."""
         ring = self._require_allocated("read")
-        return gather_batch(self.layout, ring.arrays(), ring.extras, idx)
+        return gather_batch(self.layout, ring.arrays(), ring.extras, idx, ring.mirror)
 
     def train_dataloader(self) -> DataLoader:
         """An endless loader of ``sample()`` batches (in-process: workers would copy the buffer)."""
@@ -478,3 +495,5 @@ class ReplayDataModule(lightning.LightningDataModule):
         for name, arr in ring.arrays().items():
             arr[:size] = stored.pop(name)  # streams from the page cache into the ring
             arr[size:] = self._extra_specs[name[6:]].fill if name.startswith("extra_") else 0
+        if ring.mirror is not None:
+            ring.mirror.refresh(ring.frames)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from covr_lightning.data.replay_device import DeviceFrames
 from covr_lightning.data.replay_layout import ExtraField, RingLayout
 
 
@@ -47,6 +48,7 @@ class ReplayRing:
         self.num_written = np.zeros(n, np.int64)  # frames written per stream (monotone)
         self.cur = np.full(n, -1, np.int64)  # slot of each stream's last o_t; -1: no episode open
         self.cur_step = np.zeros(n, np.int64)  # step_in_episode of that o_t
+        self.mirror: DeviceFrames | None = None  # the frames on the training device, if kept
 
     @classmethod
     def unallocated(cls) -> ReplayRing:
@@ -139,6 +141,8 @@ class ReplayRing:
             if self.valid[k] and self.step[k] >= d:
                 self.valid[k] = False
         self.frames[j] = frame
+        if self.mirror is not None:
+            self.mirror.write(j, frame)
         self.step[j] = step
         self.action[j] = 0
         self.reward[j] = 0

@@ -149,6 +149,7 @@ class RLLoop:
             frame_stack=int(self.env.frame_stack),
             action_shape=tuple(act_space.shape),
             num_streams=self.num_envs,
+            device=self.fabric.device,
         )
         self.action_low, self.action_high = act_space.low, act_space.high
         self.action_repeat = int(self.env.action_repeat)
