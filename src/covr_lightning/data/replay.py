@@ -371,8 +371,9 @@ class ReplayDataModule(lightning.LightningDataModule):
             batch_size: Rows to draw; defaults to ``self.batch_size``.
 
         Returns:
-            CPU tensors: ``obs`` and ``next_obs`` ``(B, stack*C, H, W)`` in the frame dtype (uint8
-            pixels; ``(B, D)`` for state), ``action`` ``(B, A)`` float32, ``reward`` ``(B,)``
+            CPU tensors (``obs`` and ``next_obs`` on the training device with
+            ``frames_on_device``): ``obs`` and ``next_obs`` ``(B, stack*C, H, W)`` in the frame
+            dtype (uint8 pixels; ``(B, D)`` for state), ``action`` ``(B, A)`` float32, ``reward`` ``(B,)``
             float32, ``terminated`` ``(B,)`` float32 0/1, and each declared extra ``(B, *shape)``.
 
         Raises:
