@@ -6,9 +6,9 @@ For each round of :mod:`covr_lightning.loop.schedule`:
    ``guide_every`` frames the env renders the current step at ``vlm_image_size`` and, in a guided
    round, the recipe's guide (:mod:`covr_lightning.guides`) turns it into a prior a_v (+ valid
    flag) stored with the transition(s) it belongs to (``covr.prior_scope``; the bookkeeping,
-   asynchronous answers included, is :class:`~covr_lightning.loop.guide_queries.GuideQueries`). Once the round is guided the policy's
-   ``prior_weight`` is lambda, so its actor loss gains ``lambda * ||a_v - tanh(mu(s))||^2`` over
-   the valid rows of each batch. The same render (and the action the policy took there) becomes a
+   asynchronous answers included, is :class:`~covr_lightning.loop.guide_queries.GuideQueries`).
+   Once the round is guided the policy's ``prior_weight`` is lambda, so its actor loss gains
+   ``lambda * ||a_v - tanh(mu(s))||^2`` over the valid rows of each batch. The same render (and the action the policy took there) becomes a
    row of D_f (:class:`~covr_lightning.data.sft.SFTDataModule`); every step's reward feeds the
    return-to-go.
 2. **VLM phase** (rounds followed by a fine-tune): close the open segment (bootstrapped with the
@@ -125,15 +125,13 @@ class COVRLoop(RLLoop):
         self.action_dim = action_dim
         self.steps_since_query = [0] * n  # per env: frames since its last guide query
         self._vlm_frames: list[np.ndarray | None] = [None] * n  # this step's renders, if any
+        max_batch = self.covr.guide_batch_size
+        min_batch = self.covr.guide_min_batch or auto_min_batch(self.covr.guide_every, n, max_batch)
         worker = (
             GuideWorker(
                 self.guide,
-                min_batch=min(
-                    self.covr.guide_min_batch
-                    or auto_min_batch(self.covr.guide_every, n, self.covr.guide_batch_size),
-                    self.covr.guide_batch_size,
-                ),
-                max_batch=self.covr.guide_batch_size,
+                min_batch=min(min_batch, max_batch),
+                max_batch=max_batch,
                 device=next(covr_parts.vlm.model.parameters()).device,
                 threads=self.covr.guide_threads or None,
             )
