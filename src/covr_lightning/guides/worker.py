@@ -57,8 +57,9 @@ def auto_min_batch(
     """The ``min_batch`` that fills in about ``lag_agent_steps`` agent steps (1 to ``max_batch``).
 
     Queries bring ``num_envs`` frames every ``guide_every`` agent steps. Asking every frame, a
-    fixed small batch pays ``generate``'s per-call cost many times a round (the tiny VLM: 24 ms
-    for one frame, 40 ms for 8, 93 ms for 32); asking every 10th frame, a fixed large batch makes
+    fixed small batch pays ``generate``'s per-call cost many times a round (the tiny VLM on one
+    CPU thread: 64 ms per frame alone, 11.5 ms in a batch of 8, 5.3 ms in a batch of 32,
+    ``benchmarks/vlm_guide.py``); asking every 10th frame, a fixed large batch makes
     answers wait hundreds of steps. Sizing the batch by the time it takes to fill keeps the lag
     about the same at every cadence and batches as much as that lag allows.
     """

@@ -69,7 +69,7 @@ class VLMGuide(Guide):
         model, processor = self.vlm.model, self.vlm.processor
         device = next(model.parameters()).device
         was_training = model.training
-        if was_training:  # a walk over every submodule: ~2 ms a call for the tiny VLM alone
+        if was_training:  # eval() walks every submodule: not on every call when already so
             model.eval()  # no LoRA dropout while guiding
         answers: list[str] = []
         try:
